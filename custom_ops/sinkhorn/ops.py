@@ -1,0 +1,48 @@
+"""Registration of ``v4::sinkhorn`` and its backward ``v4::sinkhorn_bwd``.
+
+Registered without ``device_types``: the eager reference serves every device until the Triton
+kernel lands. The backward is its own op so that a compiled backward graph holds one opaque node.
+Call :func:`custom_ops.sinkhorn` (api.py), which validates, rather than these.
+"""
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+@torch.library.custom_op("v4::sinkhorn", mutates_args=())
+def sinkhorn_op(logits: Tensor, iters: int, eps: float) -> Tensor:
+    """``[..., N, N]`` -> ``[..., N, N]`` (same dtype); see reference.py."""
+    return reference.sinkhorn_fwd(logits, iters, eps)
+
+
+@sinkhorn_op.register_fake
+def _sinkhorn_fake(logits, iters, eps):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("v4::sinkhorn_bwd", mutates_args=())
+def sinkhorn_bwd_op(grad: Tensor, logits: Tensor, iters: int, eps: float) -> Tensor:
+    """Gradient w.r.t. logits, recomputing the forward; see reference.py."""
+    return reference.sinkhorn_bwd(grad, logits, iters, eps)
+
+
+@sinkhorn_bwd_op.register_fake
+def _sinkhorn_bwd_fake(grad, logits, iters, eps):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, iters, eps = inputs
+    # Only the input is kept: the backward recomputes the trajectory.
+    ctx.save_for_backward(logits)
+    ctx.iters, ctx.eps = iters, eps
+
+
+def _backward(ctx, grad):
+    (logits,) = ctx.saved_tensors
+    return sinkhorn_bwd_op(grad.contiguous(), logits, ctx.iters, ctx.eps), None, None
+
+
+sinkhorn_op.register_autograd(_backward, setup_context=_setup_context)
