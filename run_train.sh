@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Launch titan-v4 training with torchrun, in the style of torchtitan's run_train.sh.
+#
+# Environment overrides (all optional):
+#   NGPU         processes on this host; default: the number of GPUs nvidia-smi lists, else 1
+#                (a CPU-only machine then trains in one process; NGPU=2 runs two gloo processes)
+#   CONFIG_FILE  TOML config; default: train_configs/debug.toml (used only when the arguments
+#                carry no --job.config_file of their own)
+#   LOG_RANK     local rank(s) whose output is shown, e.g. 0 or 0,1; default: 0
+# Every argument is passed on to titan_v4.train, e.g.
+#   ./run_train.sh --training.steps 10
+#   NGPU=8 ./run_train.sh --job.config_file train_configs/flash.toml --training.steps 10
+set -euo pipefail
+
+if [[ -z "${NGPU:-}" ]]; then
+    NGPU=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        NGPU=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    [[ "$NGPU" -gt 0 ]] || NGPU=1
+fi
+LOG_RANK=${LOG_RANK:-0}
+CONFIG_FILE=${CONFIG_FILE:-"train_configs/debug.toml"}
+
+# torchtitan 0.2.2 loads the TOML named by the *first* --job.config_file, so add ours only when
+# the caller gave none (a later one would change job.config_file but not the values loaded).
+config_args=(--job.config_file "$CONFIG_FILE")
+for arg in "$@"; do
+    case "$arg" in
+        --job.config_file|--job.config-file|--job.config_file=*|--job.config-file=*) config_args=() ;;
+    esac
+done
+
+set -x
+PYTORCH_ALLOC_CONF="expandable_segments:True" \
+torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
+    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
+    -m titan_v4.train "${config_args[@]}" "$@"

@@ -1,0 +1,165 @@
+"""build_v4_tokenizer / build_v4_dataloader (the TrainSpec builders) and the [v4] config section."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from titan_v4.config import V4, V4ConfigError
+from titan_v4.data import ASSETS_DIR, build_v4_dataloader, build_v4_tokenizer
+
+
+def job_config(*cli_args: str):
+    """A torchtitan JobConfig merged with titan_v4.config, as torchtitan's ConfigManager builds it."""
+    from torchtitan.config import ConfigManager
+
+    args = ["--job.custom_config_module", "titan_v4.config", "--training.seq_len", "32", "--training.local_batch_size", "2"]
+    return ConfigManager().parse_args([*args, *cli_args])
+
+
+# ---------------------------------------------------------------------------------------- config
+def test_v4_section_is_merged_with_defaults_and_cli_overrides():
+    cfg = job_config("--v4.mtp_loss_weight", "0.1")
+    assert cfg.v4 == V4(mtp_loss_weight=0.1)
+    assert (cfg.v4.dataset, cfg.v4.seq_balance_loss_weight) == ("synthetic", 1e-4)
+
+
+def test_v4_section_from_toml(tmp_path):
+    toml = tmp_path / "x.toml"
+    toml.write_text('[job]\ncustom_config_module = "titan_v4.config"\n[v4]\ndataset = "hub"\ndataset_path = "allenai/c4"\n')
+    cfg = job_config("--job.config_file", str(toml))
+    assert (cfg.v4.dataset, cfg.v4.dataset_path) == ("hub", "allenai/c4")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        pytest.param(dict(dataset="c4"), "v4.dataset='c4' is invalid: allowed values are 'synthetic', 'local', 'hub'", id="dataset"),
+        pytest.param(dict(mtp_loss_weight=-0.5), "v4.mtp_loss_weight=-0.5 is invalid", id="mtp-weight"),
+        pytest.param(dict(seq_balance_loss_weight=-1.0), "v4.seq_balance_loss_weight=-1.0 is invalid", id="balance-weight"),
+        pytest.param(dict(dataset="local"), "v4.dataset_path='' is invalid with v4.dataset='local'", id="no-path"),
+        pytest.param(dict(dataset="hub", dataset_path="x", text_column=""), "v4.text_column='' is invalid", id="no-column"),
+    ],
+)
+def test_v4_validation_names_field_value_and_allowed(fields, message):
+    with pytest.raises(V4ConfigError) as err:
+        V4(**fields)
+    assert message in str(err.value)
+
+
+def test_bad_cli_value_is_reported_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        job_config("--v4.dataset", "nope")
+    assert "v4.dataset='nope' is invalid" in " ".join(capsys.readouterr().err.split()).replace("│ ", "")
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+def test_default_tokenizer_is_the_bundled_one():
+    tok = build_v4_tokenizer(job_config())
+    assert tok.get_vocab_size() == 2048 and (tok.bos_id, tok.eos_id) == (0, 1)
+
+
+def test_tokenizer_path_may_name_the_file_or_its_directory(tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(ASSETS_DIR) / name, tmp_path / name)
+    for path in (tmp_path, tmp_path / "tokenizer.json"):
+        assert build_v4_tokenizer(job_config("--v4.tokenizer_path", str(path))).get_vocab_size() == 2048
+
+
+@pytest.mark.parametrize(
+    "setup, error, message",
+    [
+        pytest.param(lambda d: d / "missing.json", FileNotFoundError, "does not exist", id="missing"),
+        pytest.param(lambda d: d, FileNotFoundError, "no tokenizer.json", id="empty-dir"),
+        pytest.param(lambda d: _write(d / "vocab.json", "{}"), ValueError, "a file named tokenizer.json", id="wrong-file"),
+        pytest.param(lambda d: _copy_tokenizer_only(d), ValueError, "no BOS/EOS token", id="no-bos-eos"),
+    ],
+)
+def test_tokenizer_errors_are_clear(tmp_path, setup, error, message):
+    with pytest.raises(error, match=message):
+        build_v4_tokenizer(job_config("--v4.tokenizer_path", str(setup(tmp_path))))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _copy_tokenizer_only(directory: Path) -> Path:
+    shutil.copy(Path(ASSETS_DIR) / "tokenizer.json", directory / "tokenizer.json")
+    return directory
+
+
+# ------------------------------------------------------------------------------------ dataloader
+def test_synthetic_dataloader_batches():
+    cfg = job_config()
+    loader = build_v4_dataloader(dp_world_size=2, dp_rank=1, tokenizer=build_v4_tokenizer(cfg), job_config=cfg)
+    inputs, labels = next(iter(loader))
+    assert inputs["input"].shape == labels.shape == (2, 32)
+    assert inputs["input"].dtype == torch.long
+    assert torch.equal(inputs["input"][:, 1:], labels[:, :-1])
+    assert int(labels.max()) < 2048
+
+
+def test_training_dataset_path_is_refused():
+    cfg = job_config("--training.dataset_path", "/data")
+    with pytest.raises(ValueError, match="training.dataset_path='/data' is not used by titan_v4"):
+        build_v4_dataloader(dp_world_size=1, dp_rank=0, tokenizer=build_v4_tokenizer(cfg), job_config=cfg)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """Keep HF datasets' Arrow cache inside the test's tmp dir."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+DOCS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 3) for i in range(40)]
+
+
+def _write_local(directory: Path, fmt: str) -> Path:
+    if fmt == "jsonl":
+        return _write(directory / "data.jsonl", "".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    if fmt == "txt":
+        return _write(directory / "data.txt", "\n".join(DOCS) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sub = directory / "shards"
+    sub.mkdir()
+    for k in range(2):  # a directory of two parquet files
+        pq.write_table(pa.table({"body": DOCS[k::2]}), sub / f"part-{k}.parquet")
+    return sub
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "txt", "parquet"])
+def test_local_dataset(tmp_path, hf_cache, fmt):
+    path = _write_local(tmp_path, fmt)
+    cfg = job_config("--v4.dataset", "local", "--v4.dataset_path", str(path), "--v4.text_column", "body")
+    tok = build_v4_tokenizer(cfg)
+    loader = build_v4_dataloader(dp_world_size=1, dp_rank=0, tokenizer=tok, job_config=cfg)
+    inputs, labels = next(iter(loader))
+    assert inputs["input"].shape == labels.shape == (2, 32)
+    assert torch.equal(inputs["input"][:, 1:], labels[:, :-1])
+    first = inputs["input"][0].tolist()
+    assert first[0] == tok.bos_id
+    assert tok.decode(first[1:]).startswith("Document")
+
+
+def test_local_dataset_errors(tmp_path, hf_cache):
+    def build(path, column="text"):
+        cfg = job_config("--v4.dataset", "local", "--v4.dataset_path", str(path), "--v4.text_column", column)
+        return next(iter(build_v4_dataloader(1, 0, build_v4_tokenizer(cfg), cfg)))
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="no data files found"):
+        build(tmp_path)
+    with pytest.raises(ValueError, match="allowed extensions are"):
+        build(_write(tmp_path / "data.csv", "a,b\n"))
+    jsonl = _write_local(tmp_path, "jsonl")
+    with pytest.raises(ValueError, match=r"v4.text_column='text' is invalid: allowed values are the columns \['body', 'id'\]"):
+        build(jsonl, column="text")

@@ -1,0 +1,32 @@
+"""End to end: the default config (train_configs/debug.toml, deepseek_v4 debugmodel) trains on the
+CPU through ./run_train.sh, writes checkpoints, and a restart resumes exactly where it stopped."""
+
+import shutil
+
+import pytest
+from train_runner import run_train
+
+# A short version of the default run: checkpoints at steps 3 and 6, a short warm-up so the loss
+# visibly falls within 6 steps, a fixed seed so two runs can be compared number for number.
+ARGS = ("--training.steps", "6", "--checkpoint.interval", "3", "--lr_scheduler.warmup_steps", "2", "--debug.seed", "0")
+
+
+@pytest.mark.slow
+def test_default_config_trains_checkpoints_and_resumes(tmp_path):
+    first = run_train(*ARGS, "--job.dump_folder", str(tmp_path / "first"))
+    assert sorted(first.loss) == [1, 2, 3, 4, 5, 6], first.log[-4000:]
+    assert first.loss[6] < first.loss[1] - 0.5, first.loss
+    checkpoints = tmp_path / "first" / "checkpoint"
+    for step in (3, 6):
+        assert (checkpoints / f"step-{step}" / ".metadata").is_file(), sorted(p.name for p in checkpoints.iterdir())
+
+    # A new run whose checkpoint folder holds only step 3 must pick it up and continue at step 4
+    # with the same model, optimizer, LR schedule and data position.
+    shutil.copytree(checkpoints / "step-3", tmp_path / "second" / "checkpoint" / "step-3")
+    second = run_train(*ARGS, "--job.dump_folder", str(tmp_path / "second"))
+    assert "Loading the checkpoint from" in second.log and "step-3" in second.log
+    assert "titan_v4: resuming from the checkpoint of step 3; next step is 4" in second.log
+    assert "Training starts at step 4" in second.log
+    assert sorted(second.loss) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert second.loss[step] == pytest.approx(first.loss[step], abs=1e-4), (first.loss, second.loss)

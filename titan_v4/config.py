@@ -1,0 +1,82 @@
+"""titan-v4's extension of torchtitan's JobConfig: the ``[v4]`` section.
+
+Enable it with ``[job] custom_config_module = "titan_v4.config"`` in the TOML (or
+``--job.custom_config_module titan_v4.config``). torchtitan's ``ConfigManager`` merges the
+``JobConfig`` dataclass below into its own before parsing, so every field is settable from the
+TOML ``[v4]`` table and from the command line as ``--v4.<field>``.
+
+Data settings live here, not in ``[training]``: titan-v4's dataloader ignores torchtitan's
+``training.dataset`` / ``training.dataset_path`` (and refuses a set ``training.dataset_path`` so
+it is never silently ignored).
+"""
+
+# No `from __future__ import annotations`: torchtitan's ConfigManager rebuilds these dataclasses with
+# make_dataclass in its own module, where tyro could not resolve string annotations such as "V4".
+from dataclasses import dataclass, field
+
+#: Accepted values of ``v4.dataset``.
+DATASETS = ("synthetic", "local", "hub")
+
+
+class V4ConfigError(ValueError):
+    """A bad ``[v4]`` setting; the message names the field, the value and what is allowed."""
+
+
+@dataclass
+class V4:
+    """DeepSeek-V4 run settings (TOML ``[v4]``, CLI ``--v4.<field>``)."""
+
+    mtp_loss_weight: float = 0.3
+    """Weight of the multi-token-prediction loss added to the main next-token loss (>= 0)."""
+
+    seq_balance_loss_weight: float = 1e-4
+    """Weight of the sequence-wise expert balance loss (>= 0)."""
+
+    dataset: str = "synthetic"
+    """Training data: "synthetic" = the small templated corpus shipped in titan_v4/data/assets
+    (no download); "local" = text files at dataset_path (.jsonl/.json, .txt or .parquet, a file
+    or a directory of them); "hub" = a Hugging Face Hub dataset named by dataset_path, streamed."""
+
+    dataset_path: str = ""
+    """"local": a file or directory; "hub": a dataset name such as "allenai/c4". Unused for
+    "synthetic"."""
+
+    dataset_subset: str = ""
+    """"hub" only: the dataset's configuration/subset name (e.g. "en" for allenai/c4); empty = none."""
+
+    dataset_split: str = "train"
+    """"hub" only: the split to read (local files are one "train" split)."""
+
+    text_column: str = "text"
+    """"local" and "hub": the column that holds the document text (.txt files: always "text")."""
+
+    tokenizer_path: str = ""
+    """A tokenizer.json file (or a directory that holds one). A tokenizer_config.json next to it
+    names the BOS/EOS tokens. Empty = the 2048-token tokenizer shipped in titan_v4/data/assets."""
+
+    def __post_init__(self) -> None:
+        # Runs for the TOML values and again for the final CLI-merged values.
+        for name in ("mtp_loss_weight", "seq_balance_loss_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise V4ConfigError(f"v4.{name}={value!r} is invalid: allowed values are numbers >= 0")
+        if self.dataset not in DATASETS:
+            raise V4ConfigError(
+                f"v4.dataset={self.dataset!r} is invalid: allowed values are {', '.join(map(repr, DATASETS))}"
+            )
+        if self.dataset != "synthetic" and not self.dataset_path:
+            raise V4ConfigError(
+                f"v4.dataset_path={self.dataset_path!r} is invalid with v4.dataset={self.dataset!r}: "
+                "allowed values are a non-empty file/directory path (local) or dataset name (hub)"
+            )
+        if self.dataset != "synthetic" and not self.text_column:
+            raise V4ConfigError(
+                f"v4.text_column={self.text_column!r} is invalid: allowed values are a non-empty column name"
+            )
+
+
+@dataclass
+class JobConfig:
+    """Merged into torchtitan's JobConfig by ConfigManager (adds the ``v4`` section)."""
+
+    v4: V4 = field(default_factory=V4)

@@ -1,0 +1,190 @@
+"""TrainSpec builders: ``build_tokenizer_fn=build_v4_tokenizer``, ``build_dataloader_fn=build_v4_dataloader``.
+
+Both read the ``[v4]`` section of the job config (``titan_v4/config.py``):
+
+* ``dataset = "synthetic"`` (default): the corpus and tokenizer shipped in ``assets/``; no download,
+  no HF ``datasets``.
+* ``dataset = "local"``: ``.jsonl``/``.json``, ``.txt`` or ``.parquet`` files (one file or a directory)
+  read with HF ``datasets``; ``dataset = "hub"``: a Hugging Face Hub dataset, streamed. Both go
+  through torchtitan's ``HuggingFaceTextDataset`` (same packing, DP sharding and checkpointable
+  state), registered under a titan_v4 name in torchtitan's ``DATASETS`` table, its extension point.
+"""
+
+import operator
+import os
+from dataclasses import asdict
+from functools import partial
+
+from torch.utils.data import IterableDataset
+from torchtitan.components.dataloader import ParallelAwareDataloader
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
+from torchtitan.config import JobConfig
+from torchtitan.tools.logging import logger
+
+from titan_v4.config import V4
+from titan_v4.data.dataset import ASSETS_DIR, PackedDocumentDataset, load_synthetic_documents
+
+# File extension -> HF `datasets` builder for dataset = "local".
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+
+
+def _v4_settings(job_config: JobConfig) -> V4:
+    # Without `custom_config_module = "titan_v4.config"` no [v4] value can have been set (the TOML
+    # parser would reject the section), so the defaults are exactly what the user asked for.
+    return getattr(job_config, "v4", None) or V4()
+
+
+def build_v4_tokenizer(job_config: JobConfig) -> HuggingFaceTokenizer:
+    """The tokenizer named by ``v4.tokenizer_path`` (default: the shipped 2048-token BPE).
+
+    ``v4.tokenizer_path`` is a ``tokenizer.json`` file or a directory holding one; a
+    ``tokenizer_config.json`` beside it must name ``bos_token`` and ``eos_token``, which the
+    dataset puts around every document.
+    """
+    path = _v4_settings(job_config).tokenizer_path or ASSETS_DIR
+    if os.path.isdir(path):
+        directory = path
+    elif os.path.isfile(path):
+        if os.path.basename(path) != "tokenizer.json":
+            raise ValueError(
+                f"v4.tokenizer_path={path!r} is invalid: allowed values are a file named tokenizer.json "
+                "or a directory that holds one"
+            )
+        directory = os.path.dirname(path) or "."
+    else:
+        raise FileNotFoundError(f"v4.tokenizer_path={path!r} does not exist")
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        raise FileNotFoundError(f"v4.tokenizer_path={path!r}: no tokenizer.json in {directory!r}")
+
+    tokenizer = HuggingFaceTokenizer(directory)
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise ValueError(
+            f"v4.tokenizer_path={path!r}: the tokenizer has no BOS/EOS token (bos_id={tokenizer.bos_id}, "
+            f"eos_id={tokenizer.eos_id}); put a tokenizer_config.json naming bos_token and eos_token "
+            "next to tokenizer.json"
+        )
+    logger.info(
+        f"Tokenizer {os.path.join(directory, 'tokenizer.json')}: {tokenizer.get_vocab_size()} tokens, "
+        f"bos={tokenizer.bos_id} eos={tokenizer.eos_id}"
+    )
+    return tokenizer
+
+
+def build_v4_dataloader(
+    dp_world_size: int,
+    dp_rank: int,
+    tokenizer: HuggingFaceTokenizer,
+    job_config: JobConfig,
+    infinite: bool = True,
+) -> ParallelAwareDataloader:
+    """The training dataloader: batches of ``({"input": LongTensor[B, S]}, labels LongTensor[B, S])``.
+
+    ``B = training.local_batch_size``, ``S = training.seq_len``; rank ``dp_rank`` of
+    ``dp_world_size`` reads its own shard; the loader's state goes into torchtitan's checkpoints.
+    """
+    settings = _v4_settings(job_config)
+    if job_config.training.dataset_path:
+        raise ValueError(
+            f"training.dataset_path={job_config.training.dataset_path!r} is not used by titan_v4: "
+            "set v4.dataset and v4.dataset_path instead"
+        )
+    seq_len = job_config.training.seq_len
+    if settings.dataset == "synthetic":
+        documents = load_synthetic_documents()
+        dataset: IterableDataset = PackedDocumentDataset(
+            documents, tokenizer, seq_len, dp_rank=dp_rank, dp_world_size=dp_world_size, infinite=infinite
+        )
+        logger.info(
+            f"Data: synthetic corpus {len(documents)} documents, data-parallel rank {dp_rank} of {dp_world_size}"
+        )
+    else:
+        dataset = _hf_text_dataset(settings, tokenizer, seq_len, dp_rank, dp_world_size, infinite)
+
+    return ParallelAwareDataloader(
+        dataset,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        **asdict(job_config.training.dataloader),
+        batch_size=job_config.training.local_batch_size,
+    )
+
+
+def _local_data_files(path: str) -> tuple[str, list[str]]:
+    """(HF builder name, sorted files) for v4.dataset_path = one file or a directory of one format."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"v4.dataset_path={path!r} does not exist")
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(root, name)
+            for root, _, names in os.walk(path)
+            for name in names
+            if os.path.splitext(name)[1] in LOCAL_FORMATS
+        )
+    else:
+        files = [path]
+    allowed = ", ".join(LOCAL_FORMATS)
+    if not files:
+        raise FileNotFoundError(f"v4.dataset_path={path!r}: no data files found (allowed extensions: {allowed})")
+    builders = {LOCAL_FORMATS.get(os.path.splitext(f)[1]) for f in files}
+    if None in builders:
+        raise ValueError(f"v4.dataset_path={path!r} is invalid: allowed extensions are {allowed}")
+    if len(builders) > 1:
+        raise ValueError(f"v4.dataset_path={path!r} mixes formats {sorted(builders)}: use files of one format")
+    return builders.pop(), files
+
+
+def _load_local(builder: str, files: list[str], _path: str):
+    """Map-style HF dataset over local files (torchtitan's loader protocol passes the path again)."""
+    from datasets import load_dataset
+
+    return load_dataset(builder, data_files={"train": files}, split="train")
+
+
+def _load_hub(name: str, split: str, path: str):
+    """Streamed HF Hub dataset: nothing is downloaded up front; resumable via its state_dict."""
+    from datasets import load_dataset
+
+    return load_dataset(path, name=name or None, split=split, streaming=True)
+
+
+def _hf_text_dataset(
+    settings: V4, tokenizer: HuggingFaceTokenizer, seq_len: int, dp_rank: int, dp_world_size: int, infinite: bool
+) -> IterableDataset:
+    """torchtitan's HuggingFaceTextDataset over a local or Hub dataset (imports HF `datasets`)."""
+    from torchtitan.hf_datasets import DatasetConfig
+    from torchtitan.hf_datasets.text_datasets import DATASETS, HuggingFaceTextDataset
+
+    column = settings.text_column
+    if settings.dataset == "local":
+        builder, files = _local_data_files(settings.dataset_path)
+        if builder == "text":
+            column = "text"  # HF's text builder: one sample per line, in column "text"
+        loader = partial(_load_local, builder, files)
+        logger.info(f"Data: {len(files)} local {builder} file(s) under {settings.dataset_path}, column {column!r}")
+    else:
+        loader = partial(_load_hub, settings.dataset_subset, settings.dataset_split)
+        logger.info(
+            f"Data: Hub dataset {settings.dataset_path} subset={settings.dataset_subset or None} "
+            f"split={settings.dataset_split} (streamed), column {column!r}"
+        )
+
+    def loader_with_column_check(path: str):
+        ds = loader(path)
+        columns = ds.column_names  # None for some streamed datasets: nothing to check then
+        if columns is not None and column not in columns:
+            raise ValueError(f"v4.text_column={column!r} is invalid: allowed values are the columns {columns}")
+        return ds
+
+    name = f"titan_v4_{settings.dataset}"
+    DATASETS[name] = DatasetConfig(
+        path=settings.dataset_path, loader=loader_with_column_check, sample_processor=operator.itemgetter(column)
+    )
+    return HuggingFaceTextDataset(
+        dataset_name=name,
+        dataset_path=None,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        infinite=infinite,
+    )

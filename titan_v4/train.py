@@ -1,0 +1,111 @@
+"""Entry point: ``python -m titan_v4.train --job.config_file X.toml [--section.field value ...]``.
+
+Normally started by ``./run_train.sh`` through torchrun. It is torchtitan's ``main`` with
+:class:`V4Trainer`, plus the CPU shim on machines without CUDA (the shim must patch torchtitan
+before its first import; ``import titan_v4`` installs it too, so the order holds however this
+module is reached).
+
+What ``V4Trainer`` adds to torchtitan 0.2.2's ``Trainer``:
+
+* ``post_dataloading_process`` puts the token ids into ``extra_kwargs["token_ids"]``. Under
+  pipeline parallelism ``extra_kwargs`` reach every stage (``extra_inputs`` only the first), so
+  hash-routed MoE layers on any stage get the ids; integer ids cannot travel as stage activations
+  (TORCHTITAN_NOTES.md §3). The model's ``forward`` takes ``token_ids=None``.
+* ``forward_backward_step`` fixes the pipeline-parallel gradient scale: 0.2.2 backpropagates the
+  SUM loss of each microbatch and divides only the *reported* loss by the global token count, so
+  PP gradients are ~#tokens times too large (measured 500-1000x). When the loss function has a
+  settable ``denom`` (titan_v4's loss does), it is set to the global valid-token count for the
+  step so the schedule backpropagates normalised losses; any other loss function runs unchanged.
+* ``forward_backward_step`` also sets the gradient scale of the MoE sequence-wise balance loss
+  (which each MoE layer attaches to its own output's gradient) to this microbatch's share of the
+  step's valid tokens, so it averages over gradient-accumulation microbatches, pipeline
+  microbatches and data-parallel ranks exactly like the token-normalised LM loss.
+* A check that the tokenizer's ids fit the model's vocabulary (on CUDA an out-of-range id is a
+  device-side assert far from its cause).
+* Progress logging: a summary line at start, the step a run resumes from, a closing line.
+"""
+
+import time
+
+import torch
+
+from titan_v4.infra import cpu_shim
+
+# Before torchtitan: on a machine without CUDA the shim must import torchtitan itself.
+if not torch.cuda.is_available() and not cpu_shim.install():
+    raise RuntimeError(
+        "titan_v4.train: no CUDA device and the CPU shim could not be installed because torchtitan "
+        "was imported first; import titan_v4 (or titan_v4.infra.cpu_shim.install()) before torchtitan"
+    )
+
+from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
+from torchtitan.tools.logging import logger  # noqa: E402
+from torchtitan.train import Trainer, main  # noqa: E402
+
+from titan_v4.model.moe import set_aux_loss_scale  # noqa: E402
+
+
+class V4Trainer(Trainer):
+    """torchtitan's Trainer with token ids for every PP stage and PP-correct gradient scaling."""
+
+    def __init__(self, job_config) -> None:
+        super().__init__(job_config)
+        # Out-of-range ids would index past the embedding: fail before the first step instead.
+        model_vocab = getattr(self.model_args, "vocab_size", None)
+        if self.tokenizer is not None and model_vocab is not None:
+            tokenizer_vocab = self.tokenizer.get_vocab_size()
+            if tokenizer_vocab > model_vocab:
+                raise ValueError(
+                    f"the tokenizer has {tokenizer_vocab} tokens but model {job_config.model.name} "
+                    f"{job_config.model.flavor} has vocab_size={model_vocab}: use a smaller tokenizer "
+                    "(v4.tokenizer_path) or a flavor with a larger vocabulary"
+                )
+        pd = self.parallel_dims
+        logger.info(
+            f"titan_v4: {job_config.model.name}/{job_config.model.flavor} on {self.device.type} "
+            f"(world {pd.world_size}: dp_shard={pd.dp_shard} dp_replicate={pd.dp_replicate} tp={pd.tp} "
+            f"pp={pd.pp} cp={pd.cp} ep={pd.ep}), {job_config.training.steps} steps, "
+            f"dump folder {job_config.job.dump_folder}"
+        )
+
+    def post_dataloading_process(self, input_dict, labels):
+        inputs, labels, extra_inputs, extra_kwargs = super().post_dataloading_process(input_dict, labels)
+        # The ids the model sees (after any context-parallel sharding), for every PP stage.
+        extra_kwargs["token_ids"] = inputs
+        return inputs, labels, extra_inputs, extra_kwargs
+
+    def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
+        share = (labels != IGNORE_INDEX).sum() / global_valid_tokens
+        if self.parallel_dims.pp_enabled:
+            share = share / self.pp_schedule._n_microbatches  # one balance loss per PP microbatch
+        set_aux_loss_scale(self.model_parts, share)
+        if not self.parallel_dims.pp_enabled or not hasattr(self.loss_fn, "denom"):
+            return super().forward_backward_step(
+                input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+            )
+        # Each microbatch loss is now already divided by the step's token count, so the gradients
+        # the schedule computes are normalised like the non-PP path's.
+        self.loss_fn.denom = global_valid_tokens
+        try:
+            loss = super().forward_backward_step(
+                input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+            )
+        finally:
+            self.loss_fn.denom = None
+        # The base class divides the summed microbatch losses by global_valid_tokens again for
+        # reporting; undo that on the last stage (other stages report the placeholder -1).
+        return loss * global_valid_tokens if self.pp_has_last_stage else loss
+
+    def load_state_dict(self, state_dict) -> None:
+        # Called by the checkpointer with the saved train state when a run resumes.
+        super().load_state_dict(state_dict)
+        logger.info(f"titan_v4: resuming from the checkpoint of step {self.step}; next step is {self.step + 1}")
+
+    def train(self) -> None:
+        start = time.perf_counter()
+        super().train()
+        logger.info(f"titan_v4: training stopped at step {self.step} after {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main(V4Trainer)
