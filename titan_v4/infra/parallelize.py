@@ -1,0 +1,114 @@
+"""Parallelize a DeepSeek-V4 model (or one pipeline stage of it) in torchtitan's order:
+EP -> activation checkpointing -> per-block compile -> FSDP2 / HSDP (or DDP).
+
+Reuses torchtitan's `apply_moe_ep_tp`, `apply_ac`, `apply_fsdp` and `apply_ddp`; V4's MoE keeps the
+attribute names they key on (see model/moe.py). Not supported yet (clear errors): tensor and
+context parallelism, and float8 / DeepEP.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.models.llama3.infra.parallelize import apply_ddp
+from torchtitan.models.llama4.infra.parallelize import apply_fsdp, apply_moe_ep_tp
+from torchtitan.tools.logging import logger
+
+import custom_ops  # noqa: F401  (registers torch.ops.v4.*)
+
+# Ops whose outputs selective (per-op) activation checkpointing keeps instead of recomputing.
+OP_SAC_SAVE_LIST = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._grouped_mm.default,
+    torch.ops.v4.sparse_attention.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops._c10d_functional.all_to_all_single.default,
+    torch.ops.aten.max.default,
+    torch._higher_order_ops.inductor_compiled_code,
+}
+
+
+def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
+    """Apply EP, AC, compile and data parallelism to `model` in place and return it."""
+    if parallel_dims.tp_enabled:
+        raise NotImplementedError(
+            f"parallelism.tensor_parallel_degree={parallel_dims.tp}: tensor parallelism is not supported for "
+            "DeepSeek-V4 yet; use 1 (FSDP / EP / PP instead)"
+        )
+    if parallel_dims.cp_enabled:
+        raise NotImplementedError(
+            f"parallelism.context_parallel_degree={parallel_dims.cp}: context parallelism is not supported for "
+            "DeepSeek-V4 yet; use 1"
+        )
+    if job_config.parallelism.expert_parallel_comm_backend != "standard":
+        raise NotImplementedError(
+            f"parallelism.expert_parallel_comm_backend={job_config.parallelism.expert_parallel_comm_backend!r}: "
+            "only 'standard' is supported for DeepSeek-V4"
+        )
+    if job_config.model.converters:
+        raise NotImplementedError(f"model.converters={job_config.model.converters}: not supported for DeepSeek-V4 yet")
+
+    if parallel_dims.ep_enabled:
+        apply_moe_ep_tp(
+            model,
+            tp_mesh=None,
+            ep_mesh=parallel_dims.get_optional_mesh("ep"),
+            etp_mesh=None,
+            ep_etp_mesh=None,
+        )
+
+    compile_model = job_config.compile.enable and "model" in job_config.compile.components
+    if job_config.activation_checkpoint.mode != "none":
+        ac_args = dict(model_compile_enabled=compile_model, op_sac_save_list=OP_SAC_SAVE_LIST, base_folder=job_config.job.dump_folder)
+        apply_ac(model, job_config.activation_checkpoint, **ac_args)
+        if model.mtp is not None and len(model.mtp):
+            # apply_ac walks `<module>.layers`; give it the MTP blocks the same way.
+            holder = nn.Module()
+            holder.layers = model.mtp
+            apply_ac(holder, job_config.activation_checkpoint, **ac_args)
+
+    if compile_model:
+        apply_block_compile(model, job_config, fullgraph=not parallel_dims.ep_enabled)
+
+    if parallel_dims.fsdp_enabled or parallel_dims.ep_enabled:
+        dp_names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+        edp_names = ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
+        # The MTP blocks and the HyperHead stay in the root FSDP group (sharded, gathered at the end
+        # of the forward).
+        apply_fsdp(
+            model,
+            parallel_dims.get_mesh(dp_names),
+            param_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce],
+            pp_enabled=parallel_dims.pp_enabled,
+            cpu_offload=job_config.training.enable_cpu_offload,
+            reshard_after_forward_policy=job_config.parallelism.fsdp_reshard_after_forward,
+            ep_degree=parallel_dims.ep,
+            edp_mesh=parallel_dims.get_optional_mesh(edp_names),
+            gradient_divide_factor=parallel_dims.fsdp_gradient_divide_factor,
+        )
+        logger.info("Applied %s to the model", "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP")
+    elif parallel_dims.dp_replicate_enabled:
+        apply_ddp(model, parallel_dims.get_mesh("dp_replicate"), enable_compile=compile_model)
+    return model
+
+
+def apply_block_compile(model: nn.Module, job_config: JobConfig, fullgraph: bool) -> None:
+    """torch.compile each transformer (and MTP) block separately: identical blocks share one graph.
+
+    fullgraph is off under EP, whose all-to-all hooks on the experts break the graph.
+    """
+    # The MoE counts feed torch.searchsorted / grouped GEMM offsets as tensors; no .item() is needed,
+    # but torchtitan's EP hooks read them back, which dynamo captures as scalar outputs.
+    torch._dynamo.config.capture_scalar_outputs = True
+    backend = job_config.compile.backend
+    for container in (model.layers, model.mtp):
+        if container is None:
+            continue
+        for name, block in container.named_children():
+            container.register_module(name, torch.compile(block, backend=backend, fullgraph=fullgraph))
+    logger.info("Compiled each DeepSeek-V4 block with torch.compile (fullgraph=%s)", fullgraph)

@@ -1,0 +1,1 @@
+"""DeepSeek-V4 model: args, transformer, MoE, MTP, loss."""

@@ -1,0 +1,59 @@
+"""The V4 training loss: next-token cross-entropy plus the weighted MTP losses.
+
+torchtitan divides what the loss function returns by the global number of valid (non-ignored)
+tokens, so the loss is a SUM. The sequence-wise balance loss is not here: each MoE layer attaches
+it to its own output's gradient (moe.py), which also works under pipeline parallelism.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
+from torchtitan.config import JobConfig
+from torchtitan.tools.logging import logger
+
+
+def mtp_cross_entropy(mtp_logits: torch.Tensor, labels: torch.Tensor, depth: int) -> torch.Tensor:
+    """Sum CE of MTP depth `depth` (1-based): its position i predicts labels[:, i + depth].
+
+    mtp_logits [B, S, V], labels [B, S] (labels[:, i] = token i+1). The last `depth` positions have
+    no target.
+    """
+    return cross_entropy_loss(mtp_logits[:, :-depth], labels[:, depth:])
+
+
+class V4Loss:
+    """`loss(pred, labels)`: pred is logits [B,S,V] or (logits, mtp_logits tuple); returns a SUM.
+
+    total = CE(logits) + mtp_loss_weight / D * sum_k CE_k (DeepSeek-V3's MTP objective, D depths).
+    `denom`, when set (pipeline parallelism, see train.py), divides the result so each microbatch
+    loss is already token-normalised.
+    """
+
+    def __init__(self, mtp_loss_weight: float):
+        if mtp_loss_weight < 0:
+            raise ValueError(f"v4.mtp_loss_weight={mtp_loss_weight} is invalid: must be >= 0")
+        self.mtp_loss_weight = mtp_loss_weight
+        self.denom: torch.Tensor | int | None = None
+
+    def __call__(self, pred, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(pred, torch.Tensor):
+            loss = cross_entropy_loss(pred, labels)
+        else:
+            logits, mtp_logits = pred
+            loss = cross_entropy_loss(logits, labels)
+            if mtp_logits and self.mtp_loss_weight > 0:
+                mtp = sum(mtp_cross_entropy(m, labels, k + 1) for k, m in enumerate(mtp_logits))
+                loss = loss + mtp * (self.mtp_loss_weight / len(mtp_logits))
+        return loss if self.denom is None else loss / self.denom
+
+
+def build_v4_loss(job_config: JobConfig, **kwargs) -> V4Loss:
+    del kwargs
+    v4 = getattr(job_config, "v4", None)
+    weight = 0.3 if v4 is None else float(v4.mtp_loss_weight)
+    logger.info(f"V4 loss: cross-entropy + {weight} x MTP cross-entropy (sum; normalised by the trainer)")
+    return V4Loss(weight)
+
+
+__all__ = ["IGNORE_INDEX", "V4Loss", "build_v4_loss", "mtp_cross_entropy"]
