@@ -464,3 +464,41 @@ def test_model_is_causal_and_dtypes():
         out = model(changed)
         assert torch.equal(out[:, :p], logits[:, :p]), f"position < {p} saw token {p}"
     assert model.to(torch.bfloat16)(tokens).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")])
+def test_module_output_dtypes(dtype):
+    """Activations keep the input dtype; routing weights / mHC mixers are fp32; ids are integers."""
+    from titan_v4.model.model import TransformerBlock
+    from titan_v4.model.mtp import MTPBlock
+
+    a = tiny_args()
+    s = 20
+    cos, sin = rope_table(a, a.compress_rope_theta, yarn=True)[:, :s]
+    x = torch.randn(2, s, a.dim).to(dtype)
+    for kind in (SWA, CSA, HCA):
+        attn = Attention(a, kind).to(dtype)
+        randomize_(attn)
+        assert attn(x, cos, sin).dtype == dtype, kind
+    comp = Compressor(a.dim, 8, 4, True, a.norm_eps).to(dtype)
+    assert comp(x, cos, sin).dtype == dtype
+    idx = Indexer(a).to(dtype)
+    assert idx(x, torch.randn(2, s, a.q_lora_rank).to(dtype), cos, sin).dtype == torch.int32
+    streams = torch.randn(2, s, a.hc_mult, a.dim).to(dtype)
+    hc = HyperConnection(a).to(dtype)
+    randomize_(hc)
+    collapsed, post, comb = hc.collapse(streams)
+    assert (collapsed.dtype, post.dtype, comb.dtype) == (dtype, torch.float32, torch.float32)
+    moe = V4MoE(a, 1, hash_routed=False).to(dtype)
+    randomize_(moe)
+    moe.expert_bias = torch.zeros(a.n_routed_experts)
+    assert moe(x).dtype == dtype
+    block = TransformerBlock(0, a, SWA, hash_routed=True).to(dtype)
+    randomize_(block)
+    block.moe.router.init_hash_table(0)
+    ids = torch.randint(0, a.vocab_size, (2, s))
+    assert block(streams, cos, sin, ids).dtype == dtype
+    mtp = MTPBlock(4, a).to(dtype)
+    randomize_(mtp)
+    mtp.moe.expert_bias = torch.zeros(a.n_routed_experts)
+    assert mtp(streams, x, cos, sin).dtype == dtype
