@@ -13,11 +13,11 @@ if not torch.cuda.is_available():
     cpu_shim.install()
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers  # noqa: E402
-from torchtitan.components.optimizer import build_optimizers_with_moe_load_balancing  # noqa: E402
 from torchtitan.distributed.pipeline_parallel import pipeline_llm  # noqa: E402
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec  # noqa: E402
 
 from titan_v4.data import build_v4_dataloader, build_v4_tokenizer  # noqa: E402
+from titan_v4.infra.optimizer import build_v4_optimizers  # noqa: E402
 from titan_v4.infra.parallelize import parallelize_deepseek_v4  # noqa: E402
 from titan_v4.model.args import CSA, HCA, SWA, DeepSeekV4ModelArgs  # noqa: E402
 from titan_v4.model.loss import build_v4_loss  # noqa: E402
@@ -105,7 +105,7 @@ def get_v4_train_spec() -> TrainSpec:
         model_args=deepseek_v4_args,
         parallelize_fn=parallelize_deepseek_v4,
         pipelining_fn=pipeline_llm,
-        build_optimizers_fn=build_optimizers_with_moe_load_balancing,
+        build_optimizers_fn=build_v4_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_v4_dataloader,
         build_tokenizer_fn=build_v4_tokenizer,

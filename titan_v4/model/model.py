@@ -26,7 +26,7 @@ import custom_ops
 from torchtitan.models.utils import trunc_normal_
 from torchtitan.protocols.model import ModelProtocol
 
-from .args import CSA, HCA, SWA, DeepSeekV4ModelArgs
+from .args import CSA, SWA, DeepSeekV4ModelArgs
 from .moe import V4MoE
 
 # Indexer scores are computed in query chunks of this many rows to bound the [chunk, heads, entries]
@@ -54,7 +54,7 @@ def full_precision(x: torch.Tensor):
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Unweighted RMSNorm over the last dim, statistics in fp32, result in x's dtype."""
+    """Unweighted RMSNorm over the last dim, statistics in fp32 (fp64 for fp64), result in x's dtype."""
     return x * torch.rsqrt(x.to(compute_dtype(x.dtype)).square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 

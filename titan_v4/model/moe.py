@@ -23,7 +23,6 @@ from torch.distributed.tensor import DTensor
 
 from torchtitan.models.moe.moe import FeedForward, GroupedExperts, MoE, MoEArgs, TokenChoiceTopKRouter, TokenReorderer
 from torchtitan.models.moe.utils import indices_padding_wrapper
-from torchtitan.models.utils import trunc_normal_
 
 from .args import DeepSeekV4ModelArgs
 
@@ -235,7 +234,7 @@ class V4MoE(MoE):
             score_before_experts=False,
             top_k=args.n_activated_experts,
             use_grouped_mm=args.use_grouped_mm,
-            # Kept on hash layers too: torchtitan's bias hook stops at the first layer without it.
+            # The bias-update speed (titan_v4/infra/optimizer.py); hash layers keep the (unused) bias.
             load_balance_coeff=args.load_balance_coeff,
         )
         super().__init__(moe_args, dim=args.dim, hidden_dim=args.moe_inter_dim)
@@ -298,6 +297,3 @@ def set_aux_loss_scale(model_parts: list[nn.Module], scale: float) -> None:
             if isinstance(m, V4MoE):
                 m.aux_loss_scale.fill_(scale)
 
-
-def init_linear(linear: nn.Linear, std: float) -> None:
-    trunc_normal_(linear.weight, mean=0.0, std=std)
