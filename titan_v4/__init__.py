@@ -13,12 +13,12 @@ if not torch.cuda.is_available():
     cpu_shim.install()
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers  # noqa: E402
-from torchtitan.distributed.pipeline_parallel import pipeline_llm  # noqa: E402
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec  # noqa: E402
 
 from titan_v4.data import build_v4_dataloader, build_v4_tokenizer  # noqa: E402
 from titan_v4.infra.optimizer import build_v4_optimizers  # noqa: E402
 from titan_v4.infra.parallelize import parallelize_deepseek_v4  # noqa: E402
+from titan_v4.infra.pipeline import pipeline_deepseek_v4  # noqa: E402
 from titan_v4.model.args import CSA, HCA, SWA, DeepSeekV4ModelArgs  # noqa: E402
 from titan_v4.model.loss import build_v4_loss  # noqa: E402
 from titan_v4.model.model import DeepSeekV4Model  # noqa: E402
@@ -104,7 +104,7 @@ def get_v4_train_spec() -> TrainSpec:
         model_cls=DeepSeekV4Model,
         model_args=deepseek_v4_args,
         parallelize_fn=parallelize_deepseek_v4,
-        pipelining_fn=pipeline_llm,
+        pipelining_fn=pipeline_deepseek_v4,
         build_optimizers_fn=build_v4_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_v4_dataloader,

@@ -1,4 +1,5 @@
-"""Aux-loss-free expert balancing reaches every learned-routing MoE layer, MTP included."""
+"""TrainSpec pieces: aux-loss-free expert balancing over every learned-routing MoE layer (MTP
+included), the optimizer builder, and the refusal of pipeline parallelism."""
 
 import types
 
@@ -39,3 +40,13 @@ def test_v4_train_spec_uses_the_v4_optimizer_builder():
     from titan_v4.infra.optimizer import build_v4_optimizers
 
     assert titan_v4.get_v4_train_spec().build_optimizers_fn is build_v4_optimizers
+
+
+def test_pipeline_parallelism_is_refused_clearly():
+    import types
+
+    import pytest
+
+    spec = titan_v4.get_v4_train_spec()
+    with pytest.raises(NotImplementedError, match=r"parallelism.pipeline_parallel_degree=2: .* use 1"):
+        spec.pipelining_fn(None, types.SimpleNamespace(pp=2), None)
