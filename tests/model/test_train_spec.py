@@ -6,7 +6,8 @@ import types
 import torch
 
 import titan_v4
-from titan_v4.infra.optimizer import moe_layers, update_expert_bias
+from titan_v4.infra.optimizer import update_expert_bias
+from titan_v4.model.moe import moe_layers
 from titan_v4.model.model import DeepSeekV4Model
 
 SINGLE_PROCESS = types.SimpleNamespace(get_optional_mesh=lambda name: None)

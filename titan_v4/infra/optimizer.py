@@ -15,12 +15,7 @@ from torchtitan.components.optimizer import OptimizersContainer, build_optimizer
 from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
 
-from titan_v4.model.moe import V4MoE
-
-
-def moe_layers(model_parts: list[nn.Module]) -> list[V4MoE]:
-    """Every V4 MoE layer (main layers and MTP blocks), in module order."""
-    return [m for part in model_parts for m in part.modules() if isinstance(m, V4MoE)]
+from titan_v4.model.moe import V4MoE, moe_layers
 
 
 @torch.no_grad()

@@ -290,10 +290,13 @@ class V4MoE(MoE):
             self.router.init_hash_table(self.layer_id)
 
 
-def set_aux_loss_scale(model_parts: list[nn.Module], scale: float) -> None:
+def moe_layers(model_parts: list[nn.Module]) -> list[V4MoE]:
+    """Every V4 MoE layer (main layers and MTP blocks, through AC / compile wrappers), in module order."""
+    return [m for part in model_parts for m in part.modules() if isinstance(m, V4MoE)]
+
+
+def set_aux_loss_scale(model_parts: list[nn.Module], scale: float | torch.Tensor) -> None:
     """Set the balance-loss gradient scale of every V4 MoE layer (in place: no recompile)."""
-    for part in model_parts:
-        for m in part.modules():
-            if isinstance(m, V4MoE):
-                m.aux_loss_scale.fill_(scale)
+    for moe in moe_layers(model_parts):
+        moe.aux_loss_scale.fill_(scale)
 
