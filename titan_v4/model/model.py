@@ -28,6 +28,7 @@ from torchtitan.protocols.model import ModelProtocol
 
 from .args import CSA, SWA, DeepSeekV4ModelArgs
 from .moe import V4MoE
+from .precision import compute_dtype, full_precision
 
 # Indexer scores are computed in query chunks of this many rows to bound the [chunk, heads, entries]
 # temporary (64 heads x 1024 entries x 1024 rows x 4 B = 256 MiB at Flash sizes and S = 4096).
@@ -35,22 +36,11 @@ INDEXER_QUERY_CHUNK = 1024
 
 
 # ---------------------------------------------------------------------- norms and RoPE
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype for precision-sensitive math: fp32 for bf16 / fp16 / fp32 inputs, fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
     """param.copy_(full) for a plain or an FSDP-sharded (DTensor) parameter; full is unsharded."""
     if isinstance(param, DTensor):
         full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
     param.copy_(full.to(param.device))
-
-
-def full_precision(x: torch.Tensor):
-    """Context that switches autocast off, for the math V4 keeps in fp32 (mHC, routing, indexer
-    scores) when a single-device run trains under bf16 autocast."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torchtitan.models.moe.moe import FeedForward, GroupedExperts, MoE, MoEArgs,
 from torchtitan.models.moe.utils import indices_padding_wrapper
 
 from .args import DeepSeekV4ModelArgs
+from .precision import compute_dtype, full_precision
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -137,8 +138,8 @@ class V4Router(TokenChoiceTopKRouter):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """[T, D] -> [T, E] affinities, computed in fp32 (fp64 for fp64 inputs)."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):  # routing stays fp32 under autocast
+        dtype = compute_dtype(x.dtype)
+        with full_precision(x):  # routing stays fp32 under autocast
             logits = F.linear(x.to(dtype), self.gate.weight.to(dtype))
         if self.score_func == "sqrtsoftplus":
             return F.softplus(logits).sqrt()
