@@ -263,6 +263,15 @@ class Attention(nn.Module):
 
 
 # ---------------------------------------------------------------------- hyper-connections
+# INFERRED init (V4_REFERENCE §5): small gating factors (the mHC paper's alpha = 0.01) and collapse
+# logits whose sigmoid averages the streams at the start (sigmoid(-log(hc - 1)) = 1 / hc).
+MHC_GATE_INIT = 0.01
+
+
+def stream_average_logit(hc: int) -> float:
+    return -math.log(hc - 1) if hc > 1 else 0.0
+
+
 class HyperConnection(nn.Module):
     """mHC around one sub-layer: collapse hc streams into the sub-layer input, then mix the
     residual streams with a Sinkhorn-projected (doubly stochastic) matrix and add the output.
@@ -305,15 +314,14 @@ class HyperConnection(nn.Module):
         return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), x)
 
     def init_weights(self) -> None:
-        # INFERRED (V4_REFERENCE §5): small gating factors (mHC paper: 0.01), a collapse that starts
-        # as the stream average, post = 1 and a uniform mixer.
+        # Collapse = stream average, post = 1 (logit 0), uniform mixer (logits 0).
         trunc_normal_(self.fn, mean=0.0, std=0.02)
         hc = self.hc_mult
         base = torch.zeros(self.base.shape, dtype=self.base.dtype)
-        base[:hc] = -math.log(hc - 1) if hc > 1 else 0.0
+        base[:hc] = stream_average_logit(hc)
         with torch.no_grad():
             copy_full_(self.base, base)
-            self.scale.fill_(0.01)
+            self.scale.fill_(MHC_GATE_INIT)
 
 
 class HyperHead(nn.Module):
@@ -336,10 +344,9 @@ class HyperHead(nn.Module):
 
     def init_weights(self) -> None:
         trunc_normal_(self.fn, mean=0.0, std=0.02)
-        hc = self.fn.shape[0]
         with torch.no_grad():
-            self.base.fill_(-math.log(hc - 1) if hc > 1 else 0.0)
-            self.scale.fill_(0.01)
+            self.base.fill_(stream_average_logit(self.fn.shape[0]))
+            self.scale.fill_(MHC_GATE_INIT)
 
 
 # ---------------------------------------------------------------------- block and model
