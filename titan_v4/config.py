@@ -75,6 +75,12 @@ class V4:
             )
 
 
+def v4_settings(job_config) -> V4:
+    """The job's ``[v4]`` section, or its defaults when ``custom_config_module`` is not set (then no
+    ``[v4]`` value can have been given: the TOML / CLI parser would have rejected it)."""
+    return getattr(job_config, "v4", None) or V4()
+
+
 @dataclass
 class JobConfig:
     """Merged into torchtitan's JobConfig by ConfigManager (adds the ``v4`` section)."""

@@ -21,17 +21,11 @@ from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 
-from titan_v4.config import V4
+from titan_v4.config import V4, v4_settings
 from titan_v4.data.dataset import ASSETS_DIR, PackedDocumentDataset, load_synthetic_documents
 
 # File extension -> HF `datasets` builder for dataset = "local".
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
-
-
-def _v4_settings(job_config: JobConfig) -> V4:
-    # Without `custom_config_module = "titan_v4.config"` no [v4] value can have been set (the TOML
-    # parser would reject the section), so the defaults are exactly what the user asked for.
-    return getattr(job_config, "v4", None) or V4()
 
 
 def build_v4_tokenizer(job_config: JobConfig) -> HuggingFaceTokenizer:
@@ -41,7 +35,7 @@ def build_v4_tokenizer(job_config: JobConfig) -> HuggingFaceTokenizer:
     ``tokenizer_config.json`` beside it must name ``bos_token`` and ``eos_token``, which the
     dataset puts around every document.
     """
-    path = _v4_settings(job_config).tokenizer_path or ASSETS_DIR
+    path = v4_settings(job_config).tokenizer_path or ASSETS_DIR
     if os.path.isdir(path):
         directory = path
     elif os.path.isfile(path):
@@ -82,7 +76,7 @@ def build_v4_dataloader(
     ``B = training.local_batch_size``, ``S = training.seq_len``; rank ``dp_rank`` of
     ``dp_world_size`` reads its own shard; the loader's state goes into torchtitan's checkpoints.
     """
-    settings = _v4_settings(job_config)
+    settings = v4_settings(job_config)
     if job_config.training.dataset_path:
         raise ValueError(
             f"training.dataset_path={job_config.training.dataset_path!r} is not used by titan_v4: "

@@ -17,6 +17,8 @@ from torchtitan.config import JobConfig
 from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.tools.logging import logger
 
+from titan_v4.config import v4_settings
+
 # The three attention kinds of a V4 layer (`compress_ratios` 0 / 4 / 128 in the official config).
 SWA, CSA, HCA = "swa", "csa", "hca"
 ATTN_TYPES = (SWA, CSA, HCA)
@@ -155,9 +157,7 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
         if seq_len < 1:
             raise ModelArgsError(f"training.seq_len={seq_len} is invalid: must be >= 1")
         self.max_seq_len = seq_len
-        v4 = getattr(job_config, "v4", None)
-        if v4 is not None:
-            self.seq_balance_loss_weight = float(v4.seq_balance_loss_weight)
+        self.seq_balance_loss_weight = float(v4_settings(job_config).seq_balance_loss_weight)
         if self.use_grouped_mm and not _has_sm90():
             logger.info("routed experts: grouped_mm needs a CUDA SM90+ device; using the sync-free loop")
             self.use_grouped_mm = False

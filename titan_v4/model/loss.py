@@ -12,6 +12,8 @@ from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 
+from titan_v4.config import v4_settings
+
 
 def mtp_cross_entropy(mtp_logits: torch.Tensor, labels: torch.Tensor, depth: int) -> torch.Tensor:
     """Sum CE of MTP depth `depth` (1-based): its position i predicts labels[:, i + depth].
@@ -50,8 +52,7 @@ class V4Loss:
 
 def build_v4_loss(job_config: JobConfig, **kwargs) -> V4Loss:
     del kwargs
-    v4 = getattr(job_config, "v4", None)
-    weight = 0.3 if v4 is None else float(v4.mtp_loss_weight)
+    weight = float(v4_settings(job_config).mtp_loss_weight)
     logger.info(f"V4 loss: cross-entropy + {weight} x MTP cross-entropy (sum; normalised by the trainer)")
     return V4Loss(weight)
 
