@@ -1,19 +1,11 @@
-"""Shared pytest setup: make the repo packages and the tests' helper modules importable.
+"""Shared pytest setup for the whole suite."""
 
-The repo is not necessarily pip-installed when the tests run, so the repo root (for ``custom_ops`` and
-``titan_v4``) and this directory (for ``tolerances``) are put on ``sys.path`` explicitly.
-"""
+import torch
+import torch.utils._device
 
-import sys
-from pathlib import Path
-
-_TESTS = Path(__file__).resolve().parent
-for _path in (str(_TESTS.parent), str(_TESTS)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-import torch  # noqa: E402
-import torch.utils._device  # noqa: E402
+# On a machine without CUDA, importing titan_v4 installs the torchtitan CPU shim, which must happen
+# before anything imports torchtitan (test modules and helpers import it directly).
+import titan_v4  # noqa: F401
 
 # torch caches the set of tensor-constructing functions the first time `with torch.device(...)` is
 # used. Build that cache now, from the real functions: the op tests' NaN-filling fixture swaps

@@ -10,7 +10,7 @@ What ``V4Trainer`` adds to torchtitan 0.2.2's ``Trainer``:
 * ``post_dataloading_process`` puts the token ids into ``extra_kwargs["token_ids"]``. Under
   pipeline parallelism ``extra_kwargs`` reach every stage (``extra_inputs`` only the first), so
   hash-routed MoE layers on any stage get the ids; integer ids cannot travel as stage activations
-  (TORCHTITAN_NOTES.md §3). The model's ``forward`` takes ``token_ids=None``.
+  (docs/design.md, "torchtitan 0.2.2 as the host"). The model's ``forward`` takes ``token_ids=None``.
 * ``forward_backward_step`` fixes the pipeline-parallel gradient scale: 0.2.2 backpropagates the
   SUM loss of each microbatch and divides only the *reported* loss by the global token count, so
   PP gradients are ~#tokens times too large (measured 500-1000x). When the loss function has a

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .contract import Inputs
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -57,8 +58,9 @@ def sparse_attention(
 
     Returns:
         out: ``[B, S, H, D]`` in q's dtype.
-        lse: ``[B, S, H]`` fp32, ``logsumexp`` of the visible logits WITHOUT the sink (-inf for a row
-        with nothing visible). lse carries no gradient (it is marked non-differentiable).
+        lse: ``[B, S, H]``, ``logsumexp`` of the visible logits WITHOUT the sink (-inf for a row with
+        nothing visible), in the compute dtype: fp32 for bf16 / fp32 q, fp64 for fp64 q. lse carries
+        no gradient (it is marked non-differentiable).
 
     Gradients flow to q, kv, sink and pool. Non-contiguous inputs are made contiguous (a copy), since
     the op takes contiguous tensors. Raises TypeError / ValueError naming the bad argument.
@@ -115,17 +117,11 @@ def sparse_attention(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python float, got {scale!r}")
 
-    return ops.sparse_attention_op(
-        q.contiguous(),
-        kv.contiguous(),
-        sink.contiguous(),
-        None if pool is None else pool.contiguous(),
-        None if topk is None else topk.contiguous(),
-        None if doc_ids is None else doc_ids.contiguous(),
-        window,
-        float(scale),
-        ratio,
+    inputs = Inputs(
+        q=q, kv=kv, sink=sink, pool=pool, topk=topk, doc_ids=doc_ids, window=window, scale=float(scale), ratio=ratio
     )
+    contiguous = (value.contiguous() if isinstance(value, Tensor) else value for value in inputs)
+    return ops.sparse_attention_op(*contiguous)
 
 
 def _check_tensor(name: str, value) -> None:

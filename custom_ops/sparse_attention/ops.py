@@ -4,90 +4,77 @@ Both ops are registered without ``device_types``, so the eager reference serves 
 and, until the Triton kernels land, CUDA). The backward is its own op so that under
 ``torch.compile`` the backward graph also holds one opaque node instead of the traced chunk loop.
 
-The ops take validated, contiguous tensors; call :func:`custom_ops.sparse_attention` (api.py), not
-these, from model code. Arguments are positional here (custom-op autograd is simplest that way); the
-public function has the keyword-only signature.
+The schemas come from :class:`contract.Inputs`: the forward takes its fields positionally, the
+backward takes ``grad_out, out, lse`` followed by the same fields. The ops take validated,
+contiguous tensors; model code calls :func:`custom_ops.sparse_attention` (api.py), not these.
 """
-
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import reference
+from .contract import TENSOR_FIELDS, Grads, Inputs, Outputs, compute_dtype, schema
 
 
-@torch.library.custom_op("v4::sparse_attention", mutates_args=())
-def sparse_attention_op(
-    q: Tensor,
-    kv: Tensor,
-    sink: Tensor,
-    pool: Optional[Tensor],
-    topk: Optional[Tensor],
-    doc_ids: Optional[Tensor],
-    window: int,
-    scale: float,
-    ratio: int,
-) -> tuple[Tensor, Tensor]:
-    """out ``[B, S, H, D]`` (q's dtype), lse ``[B, S, H]`` fp32 without the sink; see reference.py."""
-    return reference.sparse_attention_fwd(q, kv, sink, pool, topk, doc_ids, window, scale, ratio)
+@torch.library.custom_op("v4::sparse_attention", mutates_args=(), schema=f"({schema()}) -> (Tensor, Tensor)")
+def sparse_attention_op(*args) -> tuple[Tensor, Tensor]:
+    """out ``[B, S, H, D]`` (q's dtype), lse ``[B, S, H]`` without the sink; see reference.py."""
+    return tuple(reference.sparse_attention_fwd(Inputs(*args)))
 
 
 @sparse_attention_op.register_fake
-def _sparse_attention_fake(q, kv, sink, pool, topk, doc_ids, window, scale, ratio):
-    batch, seq_len, heads, _ = q.shape
-    out = q.new_empty(q.shape)
-    lse = q.new_empty((batch, seq_len, heads), dtype=torch.float32)
-    return out, lse
+def _sparse_attention_fake(*args):
+    q = Inputs(*args).q
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
 
 
-@torch.library.custom_op("v4::sparse_attention_bwd", mutates_args=())
-def sparse_attention_bwd_op(
-    grad_out: Tensor,
-    q: Tensor,
-    kv: Tensor,
-    sink: Tensor,
-    pool: Optional[Tensor],
-    topk: Optional[Tensor],
-    doc_ids: Optional[Tensor],
-    out: Tensor,
-    lse: Tensor,
-    window: int,
-    scale: float,
-    ratio: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+_BWD_LEADING = ("grad_out", "out", "lse")
+
+
+@torch.library.custom_op(
+    "v4::sparse_attention_bwd",
+    mutates_args=(),
+    schema=f"({schema(_BWD_LEADING)}) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def sparse_attention_bwd_op(grad_out: Tensor, out: Tensor, lse: Tensor, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dkv, dsink, dpool. Custom ops cannot return None, so without a pool dpool is ``[B, 0, D]``."""
-    dq, dkv, dsink, dpool = reference.sparse_attention_bwd(
-        grad_out, q, kv, sink, pool, topk, doc_ids, out, lse, window, scale, ratio
-    )
-    if dpool is None:
-        dpool = q.new_zeros((q.shape[0], 0, q.shape[-1]))
-    return dq, dkv, dsink, dpool
+    inputs = Inputs(*args)
+    grads = reference.sparse_attention_bwd(inputs, grad_out, Outputs(out, lse))
+    return _with_empty_dpool(grads, inputs)
 
 
 @sparse_attention_bwd_op.register_fake
-def _sparse_attention_bwd_fake(grad_out, q, kv, sink, pool, topk, doc_ids, out, lse, window, scale, ratio):
-    dpool = q.new_empty((q.shape[0], 0, q.shape[-1])) if pool is None else torch.empty_like(pool)
-    return torch.empty_like(q), torch.empty_like(kv), torch.empty_like(sink), dpool
+def _sparse_attention_bwd_fake(grad_out, out, lse, *args):
+    inputs = Inputs(*args)
+    dpool = None if inputs.pool is None else torch.empty_like(inputs.pool)
+    grads = Grads(torch.empty_like(inputs.q), torch.empty_like(inputs.kv), torch.empty_like(inputs.sink), dpool)
+    return _with_empty_dpool(grads, inputs)
+
+
+def _with_empty_dpool(grads: Grads, inputs: Inputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if grads.dpool is not None:
+        return tuple(grads)
+    q = inputs.q
+    return tuple(grads._replace(dpool=q.new_zeros((q.shape[0], 0, q.shape[-1]))))
 
 
 def _setup_context(ctx, inputs, output):
-    q, kv, sink, pool, topk, doc_ids, window, scale, ratio = inputs
-    out, lse = output
-    # Only inputs, out and lse are kept; the backward recomputes the probabilities.
-    ctx.save_for_backward(q, kv, sink, pool, topk, doc_ids, out, lse)
-    ctx.window, ctx.scale, ctx.ratio = window, scale, ratio
+    inputs = Inputs(*inputs)
+    # Only the tensor inputs, out and lse are kept; the backward recomputes the probabilities.
+    ctx.save_for_backward(*(getattr(inputs, name) for name in TENSOR_FIELDS), *output)
+    ctx.scalars = {name: value for name, value in inputs._asdict().items() if name not in TENSOR_FIELDS}
     # lse is a by-product for the caller (and the kernels' contract); its gradient is not implemented.
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, kv, sink, pool, topk, doc_ids, out, lse = ctx.saved_tensors
-    dq, dkv, dsink, dpool = sparse_attention_bwd_op(
-        grad_out.contiguous(), q, kv, sink, pool, topk, doc_ids, out, lse, ctx.window, ctx.scale, ctx.ratio
-    )
-    # One gradient per op input: q, kv, sink, pool, topk, doc_ids, window, scale, ratio.
-    return dq, dkv, dsink, None if pool is None else dpool, None, None, None, None, None
+    *tensors, out, lse = ctx.saved_tensors
+    inputs = Inputs(**dict(zip(TENSOR_FIELDS, tensors)), **ctx.scalars)
+    grads = Grads(*sparse_attention_bwd_op(grad_out.contiguous(), out, lse, *inputs))
+    if inputs.pool is None:
+        grads = grads._replace(dpool=None)
+    # One gradient per op input: Grads names them d<input>; the other inputs get None.
+    return tuple(getattr(grads, f"d{name}", None) for name in Inputs._fields)
 
 
 sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -31,7 +31,8 @@ Semantics (b = batch, t = query position, h = head):
 * ``logit = scale * q[b, t, h] . k`` with ``k = v`` = the kv or pool row (shared by all heads).
   ``p = exp(logit) / (sum(exp(visible logits)) + exp(sink[h]))``: the sink only enlarges the
   denominator, it has no value row. ``out = sum(p * v)``; a row with nothing visible gives 0.
-* ``lse[b, t, h] = logsumexp(visible logits)`` WITHOUT the sink (-inf for an empty row), always fp32.
+* ``lse[b, t, h] = logsumexp(visible logits)`` WITHOUT the sink (-inf for an empty row), in the
+  compute dtype (fp32 for bf16 / fp32 inputs, fp64 for fp64).
 """
 
 from typing import NamedTuple, Optional
@@ -40,15 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .contract import Grads, Inputs, Outputs, compute_dtype
+
 # Bound on the elements of the largest per-chunk temporary (logits are [B, C, H, n_keys], gathered
 # rows [B, C, n_keys, D]); 2**26 fp32 elements = 256 MiB. At S=4096, H=64, D=512, window=128, K=512
 # this gives chunks of ~200 queries.
 _CHUNK_ELEMENTS = 2**26
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 inputs are computed in fp64 (oracle mode); everything else (fp32, bf16) in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def doc_starts(doc_ids: Optional[Tensor], seq_len: int, device: torch.device) -> Tensor:
@@ -203,39 +201,25 @@ def _chunk_size(q: Tensor, pool: Optional[Tensor], topk: Optional[Tensor], win: 
     return default_query_chunk(batch, seq_len, heads, dim, win + n_pool)
 
 
-def sparse_attention_fwd(
-    q: Tensor,
-    kv: Tensor,
-    sink: Tensor,
-    pool: Optional[Tensor],
-    topk: Optional[Tensor],
-    doc_ids: Optional[Tensor],
-    window: int,
-    scale: float,
-    ratio: int,
-    query_chunk: Optional[int] = None,
-) -> tuple[Tensor, Tensor]:
+def sparse_attention_fwd(inputs: Inputs, query_chunk: Optional[int] = None) -> Outputs:
     """Forward of the op on validated, contiguous inputs (see the module docstring for the rules).
 
     Args:
-        q: ``[B, S, H, D]`` bf16 / fp32 / fp64.
-        kv: ``[B, S, D]`` same dtype as q (K = V).
-        sink: ``[H]`` fp32 (or fp64).
-        pool: ``[B, P, D]`` same dtype as q, or None.
-        topk: ``[B, S, K]`` int32, or None.
-        doc_ids: ``[B, S]`` integer, or None.
-        window, scale, ratio: see the module docstring.
+        inputs: q ``[B, S, H, D]`` bf16 / fp32 / fp64; kv ``[B, S, D]`` and pool ``[B, P, D]`` (or None)
+            in q's dtype; sink ``[H]`` fp32 (or fp64); topk ``[B, S, K]`` int32 or None; doc_ids
+            ``[B, S]`` integer or None; window, scale, ratio.
         query_chunk: queries per chunk (None: pick from the shapes). Tests set it small to exercise
             chunk boundaries.
     Returns:
-        out ``[B, S, H, D]`` in q's dtype and lse ``[B, S, H]`` fp32 (without the sink).
+        out ``[B, S, H, D]`` in q's dtype and lse ``[B, S, H]`` in the compute dtype (without the sink).
     """
+    q, kv, sink, pool, topk, doc_ids, window, scale, ratio = inputs
     batch, seq_len, heads, dim = q.shape
     cdt, win, kv_pad, pool_c, sink_c, starts = _prepare(q, kv, sink, pool, doc_ids, window)
     chunk = _chunk_size(q, pool, topk, win, query_chunk)
 
     out = torch.empty(batch, seq_len, heads, dim, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, seq_len, heads, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, seq_len, heads, dtype=cdt, device=q.device)
     for t0 in range(0, seq_len, chunk):
         t1 = min(seq_len, t0 + chunk)
         qc = q[:, t0:t1].to(cdt)  # [B, C, H, D]
@@ -244,25 +228,13 @@ def sparse_attention_fwd(
         lse_c = torch.logsumexp(logits, dim=-1)  # [B, C, H]; -inf for an empty row
         probs = torch.exp(logits - _lse_with_sink(lse_c, sink_c)[..., None])
         out[:, t0:t1] = _weighted_rows(probs, keys).to(q.dtype)
-        lse[:, t0:t1] = lse_c.to(torch.float32)
-    return out, lse
+        lse[:, t0:t1] = lse_c
+    return Outputs(out, lse)
 
 
 def sparse_attention_bwd(
-    grad_out: Tensor,
-    q: Tensor,
-    kv: Tensor,
-    sink: Tensor,
-    pool: Optional[Tensor],
-    topk: Optional[Tensor],
-    doc_ids: Optional[Tensor],
-    out: Tensor,
-    lse: Tensor,
-    window: int,
-    scale: float,
-    ratio: int,
-    query_chunk: Optional[int] = None,
-) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    inputs: Inputs, grad_out: Tensor, outputs: Outputs, query_chunk: Optional[int] = None
+) -> Grads:
     """Flash-attention backward from the saved ``out`` and ``lse`` (no probabilities kept).
 
     With ``p`` the probabilities (denominator including the sink), ``dP = dO . v``,
@@ -272,18 +244,18 @@ def sparse_attention_bwd(
     with ``p_sink = exp(sink - logaddexp(lse, sink))``. The gradient of ``lse`` is not supported (the
     op marks lse non-differentiable).
 
-    In fp64 the backward is limited by the fp32 ``lse`` to ~1e-7 relative error.
-
     Args:
-        grad_out: ``[B, S, H, D]`` in q's dtype. Other arguments as in :func:`sparse_attention_fwd`,
-            plus the forward's ``out`` and ``lse``.
+        inputs: as in :func:`sparse_attention_fwd`.
+        grad_out: ``[B, S, H, D]`` in q's dtype.
+        outputs: the forward's ``out`` and ``lse``.
     Returns:
         dq (q's dtype), dkv (kv's dtype), dsink (sink's dtype), dpool (pool's dtype, None without pool).
     """
+    q, kv, sink, pool, topk, doc_ids, window, scale, ratio = inputs
+    out, lse = outputs
     batch, seq_len, heads, dim = q.shape
     cdt, win, kv_pad, pool_c, sink_c, starts = _prepare(q, kv, sink, pool, doc_ids, window)
     chunk = _chunk_size(q, pool, topk, win, query_chunk)
-
     dq = torch.empty(batch, seq_len, heads, dim, dtype=q.dtype, device=q.device)
     dkv_pad = torch.zeros_like(kv_pad)  # accumulated over chunks; the W - 1 pad rows are dropped
     dpool = None if pool_c is None else torch.zeros_like(pool_c)
@@ -325,4 +297,4 @@ def sparse_attention_bwd(
     # A fresh tensor (not a view of dkv_pad: an op output must not carry a storage offset).
     dkv = torch.empty_like(kv)
     dkv.copy_(dkv_pad[:, win - 1 :])
-    return dq, dkv, dsink.to(sink.dtype), None if dpool is None else dpool.to(pool.dtype)
+    return Grads(dq, dkv, dsink.to(sink.dtype), None if dpool is None else dpool.to(pool.dtype))

@@ -8,11 +8,12 @@ from typing import Optional
 
 import pytest
 import torch
-from op_test_utils import GraphCapture, count_calls
-from tolerances import assert_close
 
 import custom_ops
 from custom_ops.sparse_attention import reference
+from custom_ops.sparse_attention.contract import Inputs, Outputs, compute_dtype
+from tests.helpers.graph_capture import GraphCapture, count_calls
+from tests.helpers.tolerances import assert_close
 
 # ---------------------------------------------------------------------------------------------------
 # Dense oracle: builds the full [S, S + P] visibility mask literally from the rules, then a masked
@@ -180,7 +181,7 @@ def check_against_oracle(case: Case, dtype: torch.dtype, run) -> None:
     grad_out = make_grad_out(case, dtype)
     out, lse, grads = run(args, grad_out)
     ref_out, ref_lse, ref_grads = oracle_outputs(args, grad_out)
-    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.dtype == dtype and lse.dtype == compute_dtype(dtype)
     assert_close(out, ref_out, dtype, "out", "out")
     assert_close(lse, ref_lse, dtype, "lse", "lse")
     for name, grad in grads.items():
@@ -204,13 +205,10 @@ def test_reference_chunked_matches_oracle(case, chunk):
     """Chunk boundaries of the reference (the op uses one chunk at these sizes)."""
 
     def run(args, grad_out):
-        pos = [args[k] for k in ("q", "kv", "sink", "pool", "topk", "doc_ids")]
-        ints = (args["window"], args["scale"], args["ratio"])
+        inputs = Inputs(**args)
         with torch.no_grad():
-            out, lse = reference.sparse_attention_fwd(*pos, *ints, query_chunk=chunk)
-            dq, dkv, dsink, dpool = reference.sparse_attention_bwd(
-                grad_out, *pos, out, lse, *ints, query_chunk=chunk
-            )
+            out, lse = reference.sparse_attention_fwd(inputs, query_chunk=chunk)
+            dq, dkv, dsink, dpool = reference.sparse_attention_bwd(inputs, grad_out, Outputs(out, lse), query_chunk=chunk)
         grads = dict(q=dq, kv=dkv, sink=dsink)
         if args["pool"] is not None:
             grads["pool"] = dpool
@@ -306,7 +304,8 @@ def test_hand_pool_straddling_documents():
 def test_output_dtypes(dtype):
     args = make_inputs(Case(1, 9, 2, 8, window=3, ratio=2, P=4, K=2), dtype)
     out, lse = custom_ops.sparse_attention(**args)
-    assert out.dtype == dtype and lse.dtype == torch.float32
+    # lse in the compute dtype: fp64 for fp64 queries, so the fp64 op is a true oracle.
+    assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert out.shape == (1, 9, 2, 8) and lse.shape == (1, 9, 2)
     assert out.is_contiguous() and lse.is_contiguous()
     assert not lse.requires_grad
@@ -350,9 +349,7 @@ def test_gradcheck_hca_without_topk():
 
 def _op_args(args: dict) -> tuple:
     """Positional arguments of torch.ops.v4.sparse_attention from the public keyword arguments."""
-    return tuple(
-        args[k] for k in ("q", "kv", "sink", "pool", "topk", "doc_ids", "window", "scale", "ratio")
-    )
+    return tuple(Inputs(**args))
 
 
 OPCHECK_CASES = [
@@ -375,11 +372,7 @@ def test_opcheck_backward_op(case, dtype):
         out, lse = custom_ops.sparse_attention(**args)
     op_args = _op_args({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in args.items()})
     grad_out = make_grad_out(case, dtype)
-    q, kv, sink, pool, topk, doc_ids, window, scale, ratio = op_args
-    torch.library.opcheck(
-        torch.ops.v4.sparse_attention_bwd.default,
-        (grad_out, q, kv, sink, pool, topk, doc_ids, out, lse, window, scale, ratio),
-    )
+    torch.library.opcheck(torch.ops.v4.sparse_attention_bwd.default, (grad_out, out, lse, *op_args))
 
 
 @pytest.mark.parametrize(

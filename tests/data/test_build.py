@@ -1,4 +1,4 @@
-"""build_v4_tokenizer / build_v4_dataloader (the TrainSpec builders) and the [v4] config section."""
+"""titan_v4.data.build: build_v4_tokenizer / build_v4_dataloader (the TrainSpec builders)."""
 
 import json
 import shutil
@@ -7,52 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from titan_v4.config import V4, V4ConfigError
+from tests.helpers.job_config import job_config
 from titan_v4.data import ASSETS_DIR, build_v4_dataloader, build_v4_tokenizer
-
-
-def job_config(*cli_args: str):
-    """A torchtitan JobConfig merged with titan_v4.config, as torchtitan's ConfigManager builds it."""
-    from torchtitan.config import ConfigManager
-
-    args = ["--job.custom_config_module", "titan_v4.config", "--training.seq_len", "32", "--training.local_batch_size", "2"]
-    return ConfigManager().parse_args([*args, *cli_args])
-
-
-# ---------------------------------------------------------------------------------------- config
-def test_v4_section_is_merged_with_defaults_and_cli_overrides():
-    cfg = job_config("--v4.mtp_loss_weight", "0.1")
-    assert cfg.v4 == V4(mtp_loss_weight=0.1)
-    assert (cfg.v4.dataset, cfg.v4.seq_balance_loss_weight) == ("synthetic", 1e-4)
-
-
-def test_v4_section_from_toml(tmp_path):
-    toml = tmp_path / "x.toml"
-    toml.write_text('[job]\ncustom_config_module = "titan_v4.config"\n[v4]\ndataset = "hub"\ndataset_path = "allenai/c4"\n')
-    cfg = job_config("--job.config_file", str(toml))
-    assert (cfg.v4.dataset, cfg.v4.dataset_path) == ("hub", "allenai/c4")
-
-
-@pytest.mark.parametrize(
-    "fields, message",
-    [
-        pytest.param(dict(dataset="c4"), "v4.dataset='c4' is invalid: allowed values are 'synthetic', 'local', 'hub'", id="dataset"),
-        pytest.param(dict(mtp_loss_weight=-0.5), "v4.mtp_loss_weight=-0.5 is invalid", id="mtp-weight"),
-        pytest.param(dict(seq_balance_loss_weight=-1.0), "v4.seq_balance_loss_weight=-1.0 is invalid", id="balance-weight"),
-        pytest.param(dict(dataset="local"), "v4.dataset_path='' is invalid with v4.dataset='local'", id="no-path"),
-        pytest.param(dict(dataset="hub", dataset_path="x", text_column=""), "v4.text_column='' is invalid", id="no-column"),
-    ],
-)
-def test_v4_validation_names_field_value_and_allowed(fields, message):
-    with pytest.raises(V4ConfigError) as err:
-        V4(**fields)
-    assert message in str(err.value)
-
-
-def test_bad_cli_value_is_reported_by_the_parser(capsys):
-    with pytest.raises(SystemExit):
-        job_config("--v4.dataset", "nope")
-    assert "v4.dataset='nope' is invalid" in " ".join(capsys.readouterr().err.split()).replace("│ ", "")
 
 
 # ------------------------------------------------------------------------------------- tokenizer

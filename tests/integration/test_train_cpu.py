@@ -4,7 +4,8 @@ CPU through ./run_train.sh, writes checkpoints, and a restart resumes exactly wh
 import shutil
 
 import pytest
-from train_runner import run_train
+
+from tests.helpers.train_runner import run_train
 
 # A short version of the default run: checkpoints at steps 3 and 6, a short warm-up so the loss
 # visibly falls within 6 steps, a fixed seed so two runs can be compared number for number.

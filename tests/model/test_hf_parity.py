@@ -10,10 +10,10 @@ non-zero.
 import pytest
 import torch
 
-from tolerances import TOLERANCES, errors
-from titan_v4.model.args import DeepSeekV4ModelArgs
+from tests.helpers.tolerances import TOLERANCES, errors
+from titan_v4.model.hf_config import args_from_hf_config
 from titan_v4.model.model import DeepSeekV4Model
-from titan_v4.state_dict_adapter import DeepSeekV4StateDictAdapter
+from titan_v4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
 transformers = pytest.importorskip("transformers", minversion="5.9")
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402
@@ -99,8 +99,8 @@ def build_pair(swiglu_limit: float = 1.0):
     cfg._experts_implementation = "eager"  # HF's per-expert loop: the plainest reference (and fp64-capable)
     hf = DeepseekV4ForCausalLM(cfg).float().eval()
     randomize(hf, torch.Generator().manual_seed(1234))
-    args = DeepSeekV4ModelArgs.from_hf_config(
-        cfg.to_dict(), clamp_shared_experts=True, max_seq_len=SEQ, use_grouped_mm=False, mtp_depth=0,
+    args = args_from_hf_config(
+        cfg.to_dict(), clamp_shared_experts=True, max_seq_len=SEQ, mtp_depth=0,
         seq_balance_loss_weight=0.0,
     )
     titan = DeepSeekV4Model(args).float().eval()

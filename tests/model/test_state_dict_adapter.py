@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-import titan_v4
+from titan_v4.flavors import deepseek_v4_args
 from titan_v4.model.model import DeepSeekV4Model
-from titan_v4.state_dict_adapter import DeepSeekV4StateDictAdapter
+from titan_v4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
 
 @pytest.fixture(scope="module")
 def model_and_adapter():
-    args = titan_v4.deepseek_v4_args["debugmodel"].replace(max_seq_len=32)
+    args = deepseek_v4_args["debugmodel"].replace(max_seq_len=32)
     torch.manual_seed(0)
     model = DeepSeekV4Model(args)
     model.init_weights()

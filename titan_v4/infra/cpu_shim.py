@@ -4,7 +4,7 @@ Call :func:`install` once, before anything imports ``torchtitan``, and only when
 ``torch.cuda.is_available()`` is False. It imports ``torchtitan`` itself, under the patches
 below, and never copies or edits a torchtitan file. It is idempotent.
 
-What breaks on a CPU-only machine, and what each patch does (TORCHTITAN_NOTES.md §4):
+What breaks on a CPU-only machine, and what each patch does:
 
 1. ``import torchtitan`` reaches ``models/moe/kernels.py``, which does ``import triton``; CPU torch
    wheels ship no triton. A stub left in ``sys.modules`` breaks ``torch._dynamo`` instead, so we

@@ -25,7 +25,7 @@ from torchtitan.models.moe.moe import FeedForward, GroupedExperts, MoE, MoEArgs,
 from torchtitan.models.moe.utils import indices_padding_wrapper
 
 from .args import DeepSeekV4ModelArgs
-from .precision import compute_dtype, full_precision
+from .precision import compute_dtype, full_precision, matmul_dtype
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -77,17 +77,30 @@ def _run_clamped_experts_loop(
     return out
 
 
-class ClampedGroupedExperts(GroupedExperts):
-    """torchtitan's GroupedExperts (params w1/w3 [E, H, D], w2 [E, D, H]) with V4's clamped SwiGLU."""
+def grouped_mm_applies(x: torch.Tensor) -> bool:
+    """Whether the routed experts of this call run as bf16 grouped GEMMs: only on an SM90+ CUDA
+    device when the matmuls run in bf16 (bf16 activations or bf16 autocast). Everything else (the
+    CPU, older GPUs, an fp32 or fp64 model without autocast) takes the exact loop in its own dtype.
+    """
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0) and matmul_dtype(x) == torch.bfloat16
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, use_grouped_mm: bool, swiglu_limit: float):
-        super().__init__(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, use_grouped_mm=use_grouped_mm)
+
+class ClampedGroupedExperts(GroupedExperts):
+    """torchtitan's GroupedExperts (params w1/w3 [E, H, D], w2 [E, D, H]) with V4's clamped SwiGLU.
+
+    The compute path is chosen per call from the device and dtype (`grouped_mm_applies`), so a model
+    built outside the trainer (an HF comparison, an evaluation on the CPU) computes its experts in
+    its own precision; torchtitan's `use_grouped_mm` attribute is not used.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, swiglu_limit: float):
+        super().__init__(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, use_grouped_mm=False)
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x [T, D] rows grouped by expert, num_tokens_per_expert [E] int -> [T, D]."""
         ws = [w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3)]
-        if not self.use_grouped_mm:
+        if not grouped_mm_applies(x):
             return _run_clamped_experts_loop(*ws, x, num_tokens_per_expert, swiglu_limit=self.swiglu_limit)
         run = functools.partial(_run_clamped_experts_grouped_mm, swiglu_limit=self.swiglu_limit)
         # Without EP the token groups must be padded to the grouped-GEMM alignment here; under EP the
@@ -234,7 +247,6 @@ class V4MoE(MoE):
             route_scale=args.route_scale,
             score_before_experts=False,
             top_k=args.n_activated_experts,
-            use_grouped_mm=args.use_grouped_mm,
             # The bias-update speed (titan_v4/infra/optimizer.py); hash layers keep the (unused) bias.
             load_balance_coeff=args.load_balance_coeff,
         )
@@ -242,7 +254,7 @@ class V4MoE(MoE):
         self.layer_id = layer_id
         self.hash_routed = hash_routed
         self.experts = ClampedGroupedExperts(
-            args.dim, args.moe_inter_dim, args.n_routed_experts, args.use_grouped_mm, args.swiglu_limit
+            args.dim, args.moe_inter_dim, args.n_routed_experts, args.swiglu_limit
         )
         self.router = V4Router(args, hash_routed)
         self.reorderer = V4TokenReorderer(num_experts=args.n_routed_experts, top_k=args.n_activated_experts)

@@ -1,4 +1,4 @@
-"""DeepSeek-V4 multi-token prediction (MTP) block (V4_REFERENCE.md §4).
+"""DeepSeek-V4 multi-token prediction (MTP) block (docs/deepseek_v4.md, "Multi-token prediction").
 
 A full V4 block (sliding-window attention with the main RoPE, learned routing, its own mHC) fed with
 `e_proj(enorm(embed(next tokens))) + h_proj(hnorm(h))` where `h` are the previous depth's hc
@@ -13,8 +13,10 @@ from torch import nn
 
 from torchtitan.models.utils import trunc_normal_
 
-from .args import SWA, DeepSeekV4ModelArgs
-from .model import HyperHead, TransformerBlock
+from .args import DeepSeekV4ModelArgs
+from .attn_kinds import SWA
+from .block import TransformerBlock
+from .mhc import HyperHead
 
 
 class MTPBlock(TransformerBlock):

@@ -1,4 +1,4 @@
-"""Helpers shared by the op tests."""
+"""A torch.compile backend that records the graphs it is given, for graph-break and op-node checks."""
 
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd

@@ -1,15 +1,17 @@
-"""V4Trainer's pipeline-parallel glue, checked on torchtitan's llama3 debug model (llama3_ids_plugin)
-with two CPU processes: token ids reach both stages, and PP gradients are token-normalised."""
+"""titan_v4.train.V4Trainer's pipeline-parallel glue, checked on torchtitan's llama3 debug model
+(tests/helpers/llama3_ids_plugin.py) with two CPU processes: token ids reach both stages, and PP
+gradients are token-normalised."""
 
 import pytest
-from train_runner import run_train
+
+from tests.helpers.train_runner import run_train
 
 TOKENS_PER_STEP = 2 * 128  # local_batch_size x seq_len below; one data-parallel rank
 
 
 def _pp_run(tmp_path, model_name):
     return run_train(
-        "--experimental.custom_import", "llama3_ids_plugin",
+        "--experimental.custom_import", "tests.helpers.llama3_ids_plugin",
         "--model.name", model_name,
         "--parallelism.pipeline_parallel_degree", "2",
         "--training.steps", "1", "--training.local_batch_size", "2", "--training.seq_len", "128",

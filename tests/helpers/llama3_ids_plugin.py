@@ -1,7 +1,7 @@
 """A torchtitan plug-in that checks titan_v4.train's glue without the DeepSeek-V4 model.
 
-Loaded by the tests with ``--experimental.custom_import llama3_ids_plugin`` (this directory on
-PYTHONPATH). It registers torchtitan's llama3 ``debugmodel`` with titan_v4's data builders, a
+Loaded by the tests with ``--experimental.custom_import tests.helpers.llama3_ids_plugin`` (the
+repository root on PYTHONPATH). It registers torchtitan's llama3 ``debugmodel`` with titan_v4's data builders, a
 forward that insists on receiving ``token_ids`` (what V4Trainer adds for hash-routed layers on
 every pipeline stage), and two losses:
 

@@ -1,19 +1,22 @@
-"""Every V4 block kind under torch.compile(fullgraph=True) equals eager, forward and backward, on the
-CPU. fullgraph=True raises on any graph break, so passing also proves zero graph breaks."""
+"""titan_v4.model.block (and the MTP block): every block kind under torch.compile(fullgraph=True)
+equals eager, forward and backward, on the CPU. fullgraph=True raises on any graph break, so passing
+also proves zero graph breaks."""
 
 import pytest
 import torch
 
-from tolerances import assert_close
-from titan_v4.model.args import CSA, HCA, SWA, DeepSeekV4ModelArgs
-from titan_v4.model.model import TransformerBlock, rope_table
+from tests.helpers.tolerances import assert_close
+from titan_v4.model.args import DeepSeekV4ModelArgs
+from titan_v4.model.attn_kinds import CSA, HCA, SWA
+from titan_v4.model.block import TransformerBlock
 from titan_v4.model.mtp import MTPBlock
+from titan_v4.model.rope import rope_table
 
 ARGS = DeepSeekV4ModelArgs(
     vocab_size=64, dim=32, n_layers=3, n_heads=4, head_dim=16, rope_head_dim=8, q_lora_rank=24, o_groups=2,
     o_lora_rank=8, window_size=6, attn_types=(SWA, CSA, HCA), csa_ratio=4, hca_ratio=8, index_n_heads=2,
     index_head_dim=12, index_topk=3, original_seq_len=16, n_routed_experts=6, n_activated_experts=2,
-    moe_inter_dim=16, n_hash_layers=1, max_seq_len=32, use_grouped_mm=False, swiglu_limit=0.5,
+    moe_inter_dim=16, n_hash_layers=1, max_seq_len=32, swiglu_limit=0.5,
     seq_balance_loss_weight=0.1,
 )  # fmt: skip
 SEQ = 22

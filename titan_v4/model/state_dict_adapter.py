@@ -17,7 +17,7 @@ import torch
 
 from torchtitan.protocols.state_dict_adapter import StateDictAdapter
 
-from titan_v4.model.args import DeepSeekV4ModelArgs
+from .args import DeepSeekV4ModelArgs
 
 # Names inside one block (layer or MTP depth): titan suffix -> HF suffix.
 _BLOCK_RENAMES = {

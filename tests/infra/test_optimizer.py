@@ -1,20 +1,21 @@
-"""TrainSpec pieces: aux-loss-free expert balancing over every learned-routing MoE layer (MTP
-included), the optimizer builder, and the refusal of pipeline parallelism."""
+"""titan_v4.infra.optimizer: aux-loss-free expert balancing over every learned-routing MoE layer
+(MTP included), hooked into the TrainSpec's optimizer builder."""
 
 import types
 
 import torch
 
 import titan_v4
-from titan_v4.infra.optimizer import update_expert_bias
-from titan_v4.model.moe import moe_layers
+from titan_v4.flavors import deepseek_v4_args
+from titan_v4.infra.optimizer import build_v4_optimizers, update_expert_bias
 from titan_v4.model.model import DeepSeekV4Model
+from titan_v4.model.moe import moe_layers
 
 SINGLE_PROCESS = types.SimpleNamespace(get_optional_mesh=lambda name: None)
 
 
 def test_bias_update_rule_on_main_and_mtp_layers():
-    args = titan_v4.deepseek_v4_args["debugmodel"].replace(max_seq_len=32)
+    args = deepseek_v4_args["debugmodel"].replace(max_seq_len=32)
     model = DeepSeekV4Model(args)
     model.init_weights()
     moes = moe_layers([model])
@@ -38,16 +39,4 @@ def test_bias_update_rule_on_main_and_mtp_layers():
 
 
 def test_v4_train_spec_uses_the_v4_optimizer_builder():
-    from titan_v4.infra.optimizer import build_v4_optimizers
-
     assert titan_v4.get_v4_train_spec().build_optimizers_fn is build_v4_optimizers
-
-
-def test_pipeline_parallelism_is_refused_clearly():
-    import types
-
-    import pytest
-
-    spec = titan_v4.get_v4_train_spec()
-    with pytest.raises(NotImplementedError, match=r"parallelism.pipeline_parallel_degree=2: .* use 1"):
-        spec.pipelining_fn(None, types.SimpleNamespace(pp=2), None)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 
 _STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*(-?[\d.]+)\s+grad_norm:\s*([\d.]+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -28,9 +27,10 @@ def run_train(*args: str, nproc: int = 1, log_rank: int = 0, timeout: int = 600)
     the same and deterministic everywhere); fails the test with the log on error."""
     env = dict(os.environ)
     env.update(NGPU=str(nproc), LOG_RANK=str(log_rank), CUDA_VISIBLE_DEVICES="")
-    # torchrun from this interpreter's environment; the repo and the test plug-in importable.
+    # torchrun from this interpreter's environment; the repo (and so the test plug-in
+    # tests.helpers.llama3_ids_plugin) importable in the trainer processes.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(HERE), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
         [str(REPO / "run_train.sh"), "--metrics.disable_color_printing", *args],
         cwd=REPO,

@@ -1,0 +1,44 @@
+"""titan_v4.model.loss: the LM + MTP objective against cross-entropy written out per position."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titan_v4.model.loss import V4Loss, mtp_cross_entropy
+
+VOCAB = 11
+
+
+def per_position_ce(logits: torch.Tensor, targets: dict[tuple[int, int], int]) -> torch.Tensor:
+    """Sum of -log softmax(logits[b, i])[target] over the (b, i) -> target pairs given."""
+    return sum(-F.log_softmax(logits[b, i].double(), -1)[tok] for (b, i), tok in targets.items())
+
+
+def test_mtp_depth_k_position_i_predicts_token_i_plus_1_plus_k():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=g)
+    labels = tokens[:, 1:]  # labels[:, i] = token i + 1
+    mtp = torch.randn(2, 8, VOCAB, generator=g)
+    for depth in (1, 2):
+        targets = {(b, i): tokens[b, i + 1 + depth].item() for b in range(2) for i in range(8 - depth)}
+        assert mtp_cross_entropy(mtp, labels, depth).item() == pytest.approx(per_position_ce(mtp, targets).item(), rel=1e-5)
+
+
+def test_v4_loss_is_lm_plus_weighted_mean_of_mtp_depths_as_a_sum():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, VOCAB, (2, 8), generator=g)
+    logits, mtp1, mtp2 = torch.randn(3, 2, 8, VOCAB, generator=g)
+    lm = per_position_ce(logits, {(b, i): labels[b, i].item() for b in range(2) for i in range(8)})
+    d1 = per_position_ce(mtp1, {(b, i): labels[b, i + 1].item() for b in range(2) for i in range(7)})
+    d2 = per_position_ce(mtp2, {(b, i): labels[b, i + 2].item() for b in range(2) for i in range(6)})
+    loss = V4Loss(0.3)
+    assert loss((logits, (mtp1, mtp2)), labels).item() == pytest.approx((lm + 0.3 / 2 * (d1 + d2)).item(), rel=1e-5)
+    assert loss(logits, labels).item() == pytest.approx(lm.item(), rel=1e-5)  # no MTP head
+    assert V4Loss(0.0)((logits, (mtp1,)), labels).item() == pytest.approx(lm.item(), rel=1e-5)
+    loss.denom = 4  # pipeline parallelism: each microbatch loss arrives token-normalised
+    assert loss(logits, labels).item() == pytest.approx(lm.item() / 4, rel=1e-5)
+
+
+def test_negative_mtp_weight_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"v4.mtp_loss_weight=-0.1 is invalid: must be >= 0"):
+        V4Loss(-0.1)

@@ -1,0 +1,41 @@
+"""titan_v4.config: the [v4] section merged into torchtitan's JobConfig, and its validation."""
+
+import pytest
+
+from tests.helpers.job_config import job_config
+from titan_v4.config import V4, V4ConfigError
+
+
+def test_v4_section_is_merged_with_defaults_and_cli_overrides():
+    cfg = job_config("--v4.mtp_loss_weight", "0.1")
+    assert cfg.v4 == V4(mtp_loss_weight=0.1)
+    assert (cfg.v4.dataset, cfg.v4.seq_balance_loss_weight) == ("synthetic", 1e-4)
+
+
+def test_v4_section_from_toml(tmp_path):
+    toml = tmp_path / "x.toml"
+    toml.write_text('[job]\ncustom_config_module = "titan_v4.config"\n[v4]\ndataset = "hub"\ndataset_path = "allenai/c4"\n')
+    cfg = job_config("--job.config_file", str(toml))
+    assert (cfg.v4.dataset, cfg.v4.dataset_path) == ("hub", "allenai/c4")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        pytest.param(dict(dataset="c4"), "v4.dataset='c4' is invalid: allowed values are 'synthetic', 'local', 'hub'", id="dataset"),
+        pytest.param(dict(mtp_loss_weight=-0.5), "v4.mtp_loss_weight=-0.5 is invalid", id="mtp-weight"),
+        pytest.param(dict(seq_balance_loss_weight=-1.0), "v4.seq_balance_loss_weight=-1.0 is invalid", id="balance-weight"),
+        pytest.param(dict(dataset="local"), "v4.dataset_path='' is invalid with v4.dataset='local'", id="no-path"),
+        pytest.param(dict(dataset="hub", dataset_path="x", text_column=""), "v4.text_column='' is invalid", id="no-column"),
+    ],
+)
+def test_v4_validation_names_field_value_and_allowed(fields, message):
+    with pytest.raises(V4ConfigError) as err:
+        V4(**fields)
+    assert message in str(err.value)
+
+
+def test_bad_cli_value_is_reported_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        job_config("--v4.dataset", "nope")
+    assert "v4.dataset='nope' is invalid" in " ".join(capsys.readouterr().err.split()).replace("│ ", "")

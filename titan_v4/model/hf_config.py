@@ -1,0 +1,119 @@
+"""DeepSeek-V4 model args from a released `config.json` (HF transformers' names) or the official
+inference code's `inference/config.json` (docs/deepseek_v4.md lists both)."""
+
+from __future__ import annotations
+
+from .args import DeepSeekV4ModelArgs, ModelArgsError
+from .attn_kinds import CSA, HCA, SWA
+
+
+def args_from_hf_config(d: dict, **overrides) -> DeepSeekV4ModelArgs:
+    """Build args from an HF (`config.json`) or official (`inference/config.json`) dict.
+
+    Every field of the released configs is mapped; MTP depth comes from
+    `num_nextn_predict_layers`; the legacy `compress_ratios` (0/4/128 per layer, plus one entry for
+    the MTP block) and `num_hash_layers` / `n_hash_layers` are accepted. A config that describes an
+    architecture V4 cannot build (unknown layer kinds or ratios, more than one KV head or shared
+    expert, a compressed MTP block, missing fields) raises ModelArgsError; keys that do not shape
+    the model (torch_dtype, quantization_config, token ids, ...) are not read. `overrides` replace
+    fields after the mapping (e.g. `max_seq_len`, `mtp_depth`).
+    """
+    d = dict(d)
+    get = d.get
+
+    def first(*names, default=None):
+        for n in names:
+            if n in d and d[n] is not None:
+                return d[n]
+        return default
+
+    n_layers = first("num_hidden_layers", "n_layers")
+    if n_layers is None:
+        raise ModelArgsError("config has neither num_hidden_layers nor n_layers")
+    csa_ratio, hca_ratio = 4, 128
+    rates = get("compress_rates") or {}
+    csa_ratio = int(rates.get("compressed_sparse_attention", first("compress_rate_csa", default=csa_ratio)))
+    hca_ratio = int(rates.get("heavily_compressed_attention", first("compress_rate_hca", default=hca_ratio)))
+    hf_kind = {"sliding_attention": SWA, "compressed_sparse_attention": CSA, "heavily_compressed_attention": HCA}
+    if get("layer_types") is not None:
+        kinds = []
+        for t in d["layer_types"][:n_layers]:
+            if t not in hf_kind:
+                raise ModelArgsError(f"config layer_types entry {t!r} is not one of {tuple(hf_kind)}")
+            kinds.append(hf_kind[t])
+    elif get("compress_ratios") is not None:
+        ratio_kind = {0: SWA, csa_ratio: CSA, hca_ratio: HCA}
+        kinds = []
+        for r in d["compress_ratios"][:n_layers]:
+            if r not in ratio_kind:
+                raise ModelArgsError(f"config compress_ratios entry {r!r} is not one of {tuple(ratio_kind)}")
+            kinds.append(ratio_kind[r])
+        # The entry after the last layer describes the MTP block; V4's is always 0 (sliding window).
+        extra = d["compress_ratios"][n_layers:]
+        if any(r != 0 for r in extra):
+            raise ModelArgsError(f"config compress_ratios MTP entries {extra} must be 0 (V4's MTP block is SWA)")
+    else:  # HF's default schedule: 2 x HCA, then CSA / HCA interleaved
+        kinds = [HCA] * min(n_layers, 2) + [CSA if i % 2 else HCA for i in range(max(n_layers - 2, 0))]
+
+    n_hash = first("num_hash_layers", "n_hash_layers")
+    if get("mlp_layer_types") is not None:
+        mlp = list(d["mlp_layer_types"][:n_layers])
+        n_hash = sum(1 for t in mlp if t == "hash_moe")
+        if mlp != ["hash_moe"] * n_hash + ["moe"] * (len(mlp) - n_hash):
+            raise ModelArgsError(f"config mlp_layer_types {mlp} must be hash_moe layers first, then moe")
+    if n_hash is None:
+        n_hash = 3
+
+    head_dim = first("head_dim", default=512)
+    rope_dim = first("qk_rope_head_dim", "rope_head_dim")
+    if rope_dim is None:
+        rope_dim = int(head_dim * first("partial_rotary_factor", default=64 / 512))
+    rope = get("rope_scaling") or {}
+    if isinstance(get("rope_parameters"), dict) and isinstance(d["rope_parameters"].get("compress"), dict):
+        rope = d["rope_parameters"]["compress"]
+    args = dict(
+        vocab_size=first("vocab_size"),
+        dim=first("hidden_size", "dim"),
+        n_layers=n_layers,
+        norm_eps=first("rms_norm_eps", "norm_eps", default=1e-6),
+        n_heads=first("num_attention_heads", "n_heads"),
+        head_dim=head_dim,
+        rope_head_dim=rope_dim,
+        q_lora_rank=first("q_lora_rank"),
+        o_groups=first("o_groups"),
+        o_lora_rank=first("o_lora_rank"),
+        window_size=first("sliding_window", "window_size"),
+        attn_types=tuple(kinds),
+        csa_ratio=csa_ratio,
+        hca_ratio=hca_ratio,
+        index_n_heads=first("index_n_heads"),
+        index_head_dim=first("index_head_dim"),
+        index_topk=first("index_topk"),
+        rope_theta=float(first("rope_theta", default=10000.0)),
+        compress_rope_theta=float(first("compress_rope_theta", default=160000.0)),
+        rope_factor=float(first("rope_factor", default=rope.get("factor", 16.0))),
+        original_seq_len=int(first("original_seq_len", default=rope.get("original_max_position_embeddings", 65536))),
+        beta_fast=float(first("beta_fast", default=rope.get("beta_fast", 32.0))),
+        beta_slow=float(first("beta_slow", default=rope.get("beta_slow", 1.0))),
+        n_routed_experts=first("n_routed_experts"),
+        n_activated_experts=first("num_experts_per_tok", "n_activated_experts"),
+        n_shared_experts=first("n_shared_experts", default=1),
+        moe_inter_dim=first("moe_intermediate_size", "moe_inter_dim"),
+        n_hash_layers=int(n_hash),
+        score_func=first("scoring_func", "score_func", default="sqrtsoftplus"),
+        route_scale=float(first("routed_scaling_factor", "route_scale", default=1.0)),
+        swiglu_limit=float(first("swiglu_limit", default=0.0)),
+        hc_mult=first("hc_mult", default=4),
+        hc_sinkhorn_iters=first("hc_sinkhorn_iters", default=20),
+        hc_eps=float(first("hc_eps", default=1e-6)),
+        mtp_depth=int(first("num_nextn_predict_layers", default=0)),
+    )
+    missing = [k for k, v in args.items() if v is None]
+    if missing:
+        raise ModelArgsError(f"config lacks the fields needed for {missing}")
+    if get("n_shared_experts") not in (None, 0, 1):
+        raise ModelArgsError(f"config n_shared_experts={get('n_shared_experts')} is unsupported: V4 has 0 or 1")
+    if first("num_key_value_heads", default=1) != 1:
+        raise ModelArgsError(f"config num_key_value_heads={get('num_key_value_heads')} must be 1 (V4 has one latent KV head)")
+    args.update(overrides)
+    return DeepSeekV4ModelArgs(**args)

@@ -1,0 +1,70 @@
+"""Rotary position embedding of DeepSeek-V4: interleaved, on the trailing `rope_head_dim` channels.
+
+Two tables per model (docs/deepseek_v4.md): "main" (theta 10000, no YaRN) for sliding-window-only
+layers and the MTP block, "compress" (theta 160000 with YaRN, unit magnitude: no mscale) for CSA
+and HCA layers, their compressors and the indexer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .args import DeepSeekV4ModelArgs
+from .precision import compute_dtype
+
+
+def rope_inv_freq(args: DeepSeekV4ModelArgs, theta: float, yarn: bool) -> torch.Tensor:
+    """[rope_head_dim // 2] fp32 inverse frequencies; YaRN (HF / official, no mscale) when `yarn`."""
+    dim = args.rope_head_dim
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = 1.0 / pos_freqs
+    if not yarn:
+        return inv_freq
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(args.original_seq_len / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(args.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp  # 1 = keep the original frequency (high-frequency dims)
+    interpolated = 1.0 / (args.rope_factor * pos_freqs)
+    return interpolated * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
+
+
+def rope_table(args: DeepSeekV4ModelArgs, theta: float, yarn: bool, device=None) -> torch.Tensor:
+    """[2, max_seq_len, rope_head_dim // 2] fp32: cos and sin of position x inverse frequency."""
+    inv_freq = rope_inv_freq(args, theta, yarn).to(device)
+    positions = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, inv_freq)
+    return torch.stack((angles.cos(), angles.sin()))
+
+
+def main_rope_table(args: DeepSeekV4ModelArgs, device=None) -> torch.Tensor:
+    """The table of sliding-window-only layers and the MTP block."""
+    return rope_table(args, args.rope_theta, yarn=False, device=device)
+
+
+def compress_rope_table(args: DeepSeekV4ModelArgs, device=None) -> torch.Tensor:
+    """The table of CSA / HCA layers (attention, compressors, indexer)."""
+    return rope_table(args, args.compress_rope_theta, yarn=True, device=device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE on the trailing `2 * cos.shape[-1]` channels of x, in compute_dtype.
+
+    x [B, S, D] or [B, S, H, D]; cos / sin [S, R/2] for x's positions. Channel pair (2i, 2i+1) of
+    the rope slice is rotated by angle i. `apply_rope(x, cos, -sin)` undoes it.
+    """
+    r = 2 * cos.shape[-1]
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    nope, rope = x[..., :-r], x[..., -r:]
+    pairs = rope.to(compute_dtype(x.dtype)).unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat((nope, rotated.to(x.dtype)), dim=-1)
