@@ -240,7 +240,8 @@ def _mhc_collapse_bwd_dx_kernel(
     # [M_PAD, BLOCK_D]
     fn = tl.load(fn_ptr + mixes[:, None] * (H * D) + ks[None, :], mask=mix_ok[:, None] & d_ok[None, :], other=0.0)
     fn0, fn1, _ = _bf16_pieces(fn)
-    # dfn transposed, so that its dot has 128 rows (a Hopper warpgroup MMA) and x^T comes from SMEM.
+    # dfn transposed: the column block is the dot's M dimension (>= 64 rows, a Hopper warpgroup MMA
+    # with x^T from shared memory; M_PAD = 32 rows would fall back to the older MMA in registers).
     # [BLOCK_D, M_PAD]
     dfn_t = tl.zeros([BLOCK_D, M_PAD], dtype=tl.float32)
     for t0 in range(0, n_tokens, BLOCK_T):
