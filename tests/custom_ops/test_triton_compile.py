@@ -53,7 +53,7 @@ KERNELS = [
     (expand._mhc_expand_bwd_kernel,
      dict(dnew_ptr=BF16, x_ptr=BF16, out_ptr=BF16, post_ptr=F32, comb_ptr=F32, dx_ptr=BF16, dout_ptr=BF16,
           dpost_ptr=F32, dcomb_ptr=F32, n_tokens="i32"),
-     dict(H=H, D=D, BLOCK_T=2, BLOCK_D=128), 4),
+     dict(H=H, D=D, BLOCK_T=2, BLOCK_D=256), 4),
     *_collapse_kernels(with_mix=True),
     *_collapse_kernels(with_mix=False),
 ]

@@ -161,20 +161,27 @@ def _mhc_collapse_bwd_gates_kernel(
     rows = tokens.to(tl.int64)
     streams = tl.arange(0, H)
 
-    # Elementwise partial products of dpre over d, reduced once after the loop.
-    # [BLOCK_T, H, BLOCK_D]
-    dpre_acc = tl.zeros([BLOCK_T, H, BLOCK_D], dtype=tl.float32)
+    # dpre_acc[h]: [BLOCK_T, BLOCK_D] elementwise partial products over d, reduced once after the loop
+    # (one tile per stream: no data moves between threads inside the loop).
+    dpre_acc = ()
+    for h in tl.static_range(H):
+        dpre_acc = dpre_acc + (tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32),)
+    # [1, BLOCK_D] column offsets, built once in the tiles' layout.
+    cols = tl.arange(0, BLOCK_D)[None, :]
     for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        tile_ok = token_ok[:, None] & (ds < D)[None, :]
-        # [BLOCK_T, H, BLOCK_D]
-        x = tl.load(x_ptr + rows[:, None, None] * (H * D) + streams[None, :, None] * D + ds[None, None, :],
-                    mask=tile_ok[:, None, :], other=0.0)
+        ds = d0 + cols
+        tile_ok = token_ok[:, None] & (ds < D)
         # [BLOCK_T, BLOCK_D]
-        dcollapsed = tl.load(dcollapsed_ptr + rows[:, None] * D + ds[None, :], mask=tile_ok, other=0.0)
-        dpre_acc += x.to(tl.float32) * dcollapsed.to(tl.float32)[:, None, :]
+        dcollapsed = tl.load(dcollapsed_ptr + rows[:, None] * D + ds, mask=tile_ok, other=0.0).to(tl.float32)
+        next_acc = ()
+        for h in tl.static_range(H):
+            x_h = tl.load(x_ptr + rows[:, None] * (H * D) + h * D + ds, mask=tile_ok, other=0.0)
+            next_acc = next_acc + (dpre_acc[h] + x_h.to(tl.float32) * dcollapsed,)
+        dpre_acc = next_acc
     # [BLOCK_T, H]
-    dpre = tl.sum(dpre_acc, axis=2)
+    dpre = tl.zeros([BLOCK_T, H], dtype=tl.float32)
+    for h in tl.static_range(H):
+        dpre = tl.where(streams[None, :] == h, tl.sum(dpre_acc[h], axis=1)[:, None], dpre)
     # [BLOCK_T]
     rstd = tl.load(rstd_ptr + tokens, mask=token_ok, other=0.0)
 

@@ -49,42 +49,69 @@ def _mhc_expand_bwd_kernel(
     H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dx[j] = sum_k comb[j, k] dnew[k]; dout = sum_k post[k] dnew[k]; dpost[k] = dnew[k] . out;
-    dcomb[j, k] = x[j] . dnew[k]. One program owns BLOCK_T tokens and walks their whole width."""
+    dcomb[j, k] = x[j] . dnew[k]. One program owns BLOCK_T tokens and walks their whole width.
+
+    Every stream is its own [BLOCK_T, BLOCK_D] tile and the gates are per-token [BLOCK_T] vectors
+    (compile-time tuples), so the 4 x 4 mixing is elementwise: nothing moves between threads inside
+    the loop. The per-token sums over d are accumulated elementwise and reduced once at the end.
+    """
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < n_tokens
     rows = tokens.to(tl.int64)
-    streams = tl.arange(0, H)
 
-    # [BLOCK_T, H]
-    post = tl.load(post_ptr + tokens[:, None] * H + streams[None, :], mask=token_ok[:, None], other=0.0)
-    # [BLOCK_T, H, H]
-    gate_offsets = tokens[:, None, None] * (H * H) + streams[None, :, None] * H + streams[None, None, :]
-    comb = tl.load(comb_ptr + gate_offsets, mask=token_ok[:, None, None], other=0.0)
-    # Elementwise partial sums over d, reduced once after the loop (no cross-thread reduction per tile).
-    # [BLOCK_T, H, BLOCK_D]
-    dpost_acc = tl.zeros([BLOCK_T, H, BLOCK_D], dtype=tl.float32)
-    # [BLOCK_T, H (j), H (k), BLOCK_D]
-    dcomb_acc = tl.zeros([BLOCK_T, H, H, BLOCK_D], dtype=tl.float32)
+    # post[k] and comb[j * H + k]: [BLOCK_T] each
+    post = ()
+    for k in tl.static_range(H):
+        post = post + (tl.load(post_ptr + tokens * H + k, mask=token_ok, other=0.0),)
+    comb = ()
+    for jk in tl.static_range(H * H):
+        comb = comb + (tl.load(comb_ptr + tokens * (H * H) + jk, mask=token_ok, other=0.0),)
+    # dpost_acc[k], dcomb_acc[j * H + k]: [BLOCK_T, BLOCK_D] each
+    dpost_acc = ()
+    for k in tl.static_range(H):
+        dpost_acc = dpost_acc + (tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32),)
+    dcomb_acc = ()
+    for jk in tl.static_range(H * H):
+        dcomb_acc = dcomb_acc + (tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32),)
+
+    # [1, BLOCK_D] column offsets, built once in the tiles' layout (a 1-D index inside the loop would be
+    # converted between layouts every iteration).
+    cols = tl.arange(0, BLOCK_D)[None, :]
     for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        tile_ok = token_ok[:, None] & (ds < D)[None, :]
-        stream_offsets = rows[:, None, None] * (H * D) + streams[None, :, None] * D + ds[None, None, :]
-        # [BLOCK_T, H, BLOCK_D]
-        dnew = tl.load(dnew_ptr + stream_offsets, mask=tile_ok[:, None, :], other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + stream_offsets, mask=tile_ok[:, None, :], other=0.0).to(tl.float32)
+        ds = d0 + cols
+        tile_ok = token_ok[:, None] & (ds < D)
+        stream_rows = rows[:, None] * (H * D) + ds
         # [BLOCK_T, BLOCK_D]
-        out = tl.load(out_ptr + rows[:, None] * D + ds[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        out = tl.load(out_ptr + rows[:, None] * D + ds, mask=tile_ok, other=0.0).to(tl.float32)
+        dnew = ()  # dnew[k]: [BLOCK_T, BLOCK_D]
+        for k in tl.static_range(H):
+            dnew = dnew + (tl.load(dnew_ptr + stream_rows + k * D, mask=tile_ok, other=0.0).to(tl.float32),)
 
-        dout = tl.sum(post[:, :, None] * dnew, axis=1)
-        tl.store(dout_ptr + rows[:, None] * D + ds[None, :], dout.to(dout_ptr.dtype.element_ty), mask=tile_ok)
-        # [BLOCK_T, H (j), BLOCK_D]
-        dx = tl.sum(comb[:, :, :, None] * dnew[:, None, :, :], axis=2)
-        tl.store(dx_ptr + stream_offsets, dx.to(dx_ptr.dtype.element_ty), mask=tile_ok[:, None, :])
+        dout = post[0][:, None] * dnew[0]
+        for k in tl.static_range(1, H):
+            dout += post[k][:, None] * dnew[k]
+        tl.store(dout_ptr + rows[:, None] * D + ds, dout.to(dout_ptr.dtype.element_ty), mask=tile_ok)
+        next_dpost = ()
+        for k in tl.static_range(H):
+            next_dpost = next_dpost + (dpost_acc[k] + dnew[k] * out,)
+        dpost_acc = next_dpost
 
-        dpost_acc += dnew * out[:, None, :]
-        dcomb_acc += x[:, :, None, :] * dnew[:, None, :, :]
-    tl.store(dpost_ptr + tokens[:, None] * H + streams[None, :], tl.sum(dpost_acc, axis=2), mask=token_ok[:, None])
-    tl.store(dcomb_ptr + gate_offsets, tl.sum(dcomb_acc, axis=3), mask=token_ok[:, None, None])
+        next_dcomb = ()
+        for j in tl.static_range(H):
+            # [BLOCK_T, BLOCK_D]
+            x_j = tl.load(x_ptr + stream_rows + j * D, mask=tile_ok, other=0.0).to(tl.float32)
+            dx_j = comb[j * H][:, None] * dnew[0]
+            for k in tl.static_range(1, H):
+                dx_j += comb[j * H + k][:, None] * dnew[k]
+            tl.store(dx_ptr + stream_rows + j * D, dx_j.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+            for k in tl.static_range(H):
+                next_dcomb = next_dcomb + (dcomb_acc[j * H + k] + x_j * dnew[k],)
+        dcomb_acc = next_dcomb
+
+    for k in tl.static_range(H):
+        tl.store(dpost_ptr + tokens * H + k, tl.sum(dpost_acc[k], axis=1), mask=token_ok)
+    for jk in tl.static_range(H * H):
+        tl.store(dcomb_ptr + tokens * (H * H) + jk, tl.sum(dcomb_acc[jk], axis=1), mask=token_ok)
 
 
 def _shape(x: torch.Tensor) -> tuple[int, int, int]:
@@ -117,9 +144,9 @@ def mhc_expand_bwd(
     n_tokens, hc, dim = _shape(x)
     dx, dout = torch.empty_like(x), torch.empty_like(out)
     dpost, dcomb = torch.empty_like(post), torch.empty_like(comb)
-    # 2 tokens per program: the [BLOCK_T, H, H, BLOCK_D] dcomb accumulator is 32 fp32 per thread at H=4
-    # with 4 warps; T/2 programs fill the SMs from 4096 tokens on.
-    block_t, block_d = 2, min(128, triton.next_power_of_2(dim))
+    # 2 tokens x 256 columns per tile: the H + H*H = 20 accumulator tiles are 80 fp32 per thread with 4
+    # warps at H=4; T/2 programs fill the SMs from 4096 tokens on.
+    block_t, block_d = 2, min(256, triton.next_power_of_2(dim))
     grid = (triton.cdiv(n_tokens, block_t),)
     _mhc_expand_bwd_kernel[grid](
         dnew, x, out, post, comb, dx, dout, dpost, dcomb, n_tokens, H=hc, D=dim, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4
