@@ -34,10 +34,12 @@ def double(*tensors):
 
 
 # (tokens, hc, dim): tokens not a multiple of any block, dim not a multiple of a column block,
-# a single K chunk and several (split-K), hc = 2 and 4.
+# one K chunk and several (split-K), one D block and several in every D loop and grid (D=600: 2 expand
+# column blocks of 512, 3 loop steps of 256, 10 column blocks of 64), hc = 2 and 4.
 SHAPES = [
     pytest.param(70, 4, 48, id="T70-hc4-D48"),
     pytest.param(5, 4, 64, id="T5-hc4-D64"),
+    pytest.param(3, 4, 600, id="T3-hc4-D600"),
     pytest.param(3, 2, 16, id="T3-hc2-D16"),
 ]
 
