@@ -23,7 +23,7 @@ def make_inputs(shape, dtype, seed=0, mixes=None, scales=3):
     wdtype = torch.float64 if dtype == torch.float64 else torch.float32
 
     def randn(*size, std=1.0):
-        return (std * torch.randn(*size, generator=gen, dtype=torch.float64)).requires_grad_(False)
+        return std * torch.randn(*size, generator=gen, dtype=torch.float64)
 
     x = randn(*shape).to(dtype).requires_grad_()
     fn = randn(mixes, hc * dim, std=0.5).to(wdtype).requires_grad_()
@@ -46,7 +46,7 @@ def plain_sinkhorn(logits, iters, eps):
 
 def plain_collapse(x, fn, base, scale, iters):
     """HyperConnection.collapse computed another way: raw dot products per stream slice, then the rms
-    scale applied to the logits (the linear map commutes with it), gates with torch.where-free math."""
+    scale applied to the logits (the linear map commutes with it), sigmoid written out."""
     hc, dim = x.shape[-2:]
     mean_sq = sum((x[..., h, :] ** 2).sum(-1) for h in range(hc)) / (hc * dim)
     raw = sum(x[..., h, :] @ fn[:, h * dim : (h + 1) * dim].T for h in range(hc))  # [..., M]
@@ -337,7 +337,7 @@ BAD_EXPAND = [
 
 @pytest.mark.parametrize("change,error,message", BAD_EXPAND)
 def test_expand_validation(change, error, message):
-    args = dict(x=torch.zeros(2, 4, 8), out=torch.zeros(2, 8), post=torch.zeros(2, 4), comb=torch.zeros(2, 4, 4), **{})
+    args = dict(x=torch.zeros(2, 4, 8), out=torch.zeros(2, 8), post=torch.zeros(2, 4), comb=torch.zeros(2, 4, 4))
     args.update(change)
     with pytest.raises(error, match=message):
         custom_ops.mhc_expand(**args)
