@@ -46,8 +46,10 @@ def mhc_collapse(
     _check_weights(x, fn, base, scale, mixes=(2 + hc) * hc, scales=3)
     _check_eps("hc_eps", hc_eps, allow_zero=True)
     _check_eps("norm_eps", norm_eps, allow_zero=False)
-    if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
-        raise ValueError(f"sinkhorn_iters must be a Python int >= 1, got {sinkhorn_iters!r}")
+    if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int):
+        raise TypeError(f"sinkhorn_iters must be a Python int >= 1, got {sinkhorn_iters!r}")
+    if sinkhorn_iters < 1:
+        raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
     collapsed, post, comb, _, _ = ops.mhc_collapse_op(
         x.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(), float(hc_eps), float(norm_eps), sinkhorn_iters
     )

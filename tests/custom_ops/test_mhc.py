@@ -307,8 +307,8 @@ BAD_COLLAPSE = [
     pytest.param(dict(hc_eps=-1.0), ValueError, "hc_eps must be finite and >= 0", id="hc-eps-negative"),
     pytest.param(dict(norm_eps=0.0), ValueError, "norm_eps must be finite and > 0", id="norm-eps-zero"),
     pytest.param(dict(norm_eps="1e-6"), TypeError, "norm_eps must be a Python float", id="norm-eps-str"),
-    pytest.param(dict(sinkhorn_iters=0), ValueError, "sinkhorn_iters must be a Python int >= 1", id="iters-0"),
-    pytest.param(dict(sinkhorn_iters=2.0), ValueError, "sinkhorn_iters must be a Python int >= 1", id="iters-float"),
+    pytest.param(dict(sinkhorn_iters=0), ValueError, "sinkhorn_iters must be >= 1, got 0", id="iters-0"),
+    pytest.param(dict(sinkhorn_iters=2.0), TypeError, "sinkhorn_iters must be a Python int", id="iters-float"),
 ]
 
 
