@@ -121,9 +121,10 @@ def collapse_bwd(
 
     sig_pre = _pre_gate(logits_pre, base_pre, scale[0])
     dpre = (dcollapsed.unsqueeze(-2) * xc).sum(-1)
-    dz_pre = dpre * sig_pre * (1 - sig_pre)
+    # Products in autograd's order (sigmoid_backward: grad * (1 - y) * y).
+    dz_pre = dpre * (1 - sig_pre) * sig_pre
     sig_post = torch.sigmoid(logits_post * scale[1] + base_post)
-    dz_post = dpost * 2 * sig_post * (1 - sig_post)
+    dz_post = (2 * dpost) * (1 - sig_post) * sig_post
     comb_logits = logits_comb.unflatten(-1, (hc, hc)) * scale[2] + base_comb.view(hc, hc)
     dz_comb = sinkhorn_reference.sinkhorn_bwd(dcomb, comb_logits, sinkhorn_iters, hc_eps).flatten(-2)
 
@@ -158,7 +159,7 @@ def head_bwd(
     dout = dout.to(cdt)
     sig = _pre_gate(logits, base, scale[0])
     dpre = (dout.unsqueeze(-2) * x.to(cdt)).sum(-1)
-    dz = dpre * sig * (1 - sig)
+    dz = dpre * (1 - sig) * sig
     dbase = dz.reshape(-1, dz.shape[-1]).sum(0)
     dscale = (dz * logits).sum().reshape(1)
     dflat, dfn = mixing_logits_bwd(dz * scale[0], x, fn, logits, rstd)
