@@ -1,8 +1,10 @@
 """Registration of ``v4::sinkhorn`` and its backward ``v4::sinkhorn_bwd``.
 
-Registered without ``device_types``: the eager reference serves every device until the Triton
-kernel lands. The backward is its own op so that a compiled backward graph holds one opaque node.
-Call :func:`custom_ops.sinkhorn` (api.py), which validates, rather than these.
+The eager reference (reference.py) is the implementation on every device except CUDA, where fp32
+logits with a power-of-two N run the Triton kernels (triton/, imported on the first CUDA call, so a
+CPU install never imports triton); other CUDA inputs (fp64, N not a power of two) run the reference.
+The backward is its own op so that a compiled backward graph holds one opaque node. Call
+:func:`custom_ops.sinkhorn` (api.py), which validates, rather than these.
 """
 
 import torch
@@ -11,10 +13,24 @@ from torch import Tensor
 from . import reference
 
 
+def _triton_supported(logits: Tensor) -> bool:
+    n = logits.shape[-1]
+    return logits.dtype == torch.float32 and n & (n - 1) == 0 and n <= 16
+
+
 @torch.library.custom_op("v4::sinkhorn", mutates_args=())
 def sinkhorn_op(logits: Tensor, iters: int, eps: float) -> Tensor:
     """``[..., N, N]`` -> ``[..., N, N]`` (same dtype); see reference.py."""
     return reference.sinkhorn_fwd(logits, iters, eps)
+
+
+@sinkhorn_op.register_kernel("cuda")
+def _sinkhorn_cuda(logits, iters, eps):
+    if not _triton_supported(logits):
+        return reference.sinkhorn_fwd(logits, iters, eps)
+    from .triton import sinkhorn_fwd
+
+    return sinkhorn_fwd(logits, iters, eps)
 
 
 @sinkhorn_op.register_fake
@@ -26,6 +42,15 @@ def _sinkhorn_fake(logits, iters, eps):
 def sinkhorn_bwd_op(grad: Tensor, logits: Tensor, iters: int, eps: float) -> Tensor:
     """Gradient w.r.t. logits, recomputing the forward; see reference.py."""
     return reference.sinkhorn_bwd(grad, logits, iters, eps)
+
+
+@sinkhorn_bwd_op.register_kernel("cuda")
+def _sinkhorn_bwd_cuda(grad, logits, iters, eps):
+    if not _triton_supported(logits):
+        return reference.sinkhorn_bwd(grad, logits, iters, eps)
+    from .triton import sinkhorn_bwd
+
+    return sinkhorn_bwd(grad, logits, iters, eps)
 
 
 @sinkhorn_bwd_op.register_fake

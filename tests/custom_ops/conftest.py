@@ -1,5 +1,7 @@
 """Op-test fixtures."""
 
+import os
+
 import pytest
 import torch
 
@@ -37,3 +39,27 @@ def nan_filled_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
     monkeypatch.setattr(torch.Tensor, "new_empty", poisoned_new_empty)
     yield
+
+
+def _interpreter_bf16_dot_fix() -> None:
+    """Makes ``tl.dot`` of bf16 operands work under TRITON_INTERPRET=1.
+
+    The interpreter (triton 3.6 to 3.9) stores bf16 as uint16 and its ``create_dot`` multiplies those
+    integers with numpy; the compiled kernels use the tensor cores. Converting bf16 operands to fp32
+    first gives the exact products the hardware forms (bf16 x bf16 is exact in fp32). Only the child
+    process of test_triton_interpreter.py sets TRITON_INTERPRET, so no other test sees this patch.
+    """
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot_bf16_as_fp32(self, a, b, d, *args, **kwargs):
+        a, b = (self.cast_impl(t, tl.float32) if t.dtype.scalar == tl.bfloat16 else t for t in (a, b))
+        return create_dot(self, a, b, d, *args, **kwargs)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot_bf16_as_fp32
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_bf16_dot_fix()

@@ -1,7 +1,10 @@
-"""titan-v4 vs HF transformers' DeepseekV4ForCausalLM (the numerical oracle), fp32 on the CPU.
+"""titan-v4 vs HF transformers' DeepseekV4ForCausalLM (the numerical oracle) on the CPU.
 
-Same random weights (loaded through the state-dict adapter), same tokens: logits within relative RMS
-1e-5 and every parameter's gradient of the same loss within 1e-4. The config has all three attention
+Same random weights (loaded through the state-dict adapter), same tokens; titan-v4 runs in fp32 and
+is compared with HF run in fp64 (the reference values), so the comparison measures titan-v4's own
+rounding: logits within relative RMS 1e-5, and every parameter's gradient of the same loss within
+1e-4 or within twice HF's own fp32 error on it (the 3-element mHC scale gradients are sums over all
+tokens with heavy cancellation, where HF's fp32 run is itself ~1e-4 off). The config has all three attention
 kinds, hash and learned MoE, hc_mult 4 and a top-k smaller than the visible CSA entries; every
 parameter, including position biases, sinks, mHC parameters and the correction bias, is random and
 non-zero.
@@ -123,33 +126,43 @@ def test_args_from_hf_config_match():
     assert (a.rope_factor, a.original_seq_len, a.beta_fast, a.beta_slow) == (16.0, 32, 32.0, 1.0)
 
 
+def logits_and_grads(model, forward, tokens, labels, to_hf=None):
+    """Logits of `forward(tokens)` and every gradient of `model`'s parameters (HF names) of the
+    mean cross-entropy."""
+    model.zero_grad(set_to_none=True)
+    logits = forward(tokens)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), (to_hf(grads) if to_hf else grads)
+
+
 @pytest.mark.parametrize("swiglu_limit", [pytest.param(1.0, id="clamp-active"), pytest.param(1e6, id="clamp-inactive")])
 def test_logits_and_grads_match_hf(swiglu_limit):
     hf, titan, adapter = build_pair(swiglu_limit)
     gen = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
     labels = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
+    hf32_logits, hf32_grads = logits_and_grads(hf, lambda t: hf(input_ids=t).logits, tokens, labels)
+    titan32_logits, titan32_grads = logits_and_grads(titan, titan, tokens, labels, adapter.to_hf)
+    hf = hf.double()  # the reference values (HF keeps a few norms and softmaxes in fp32 even so)
+    hf64_logits, hf64_grads = logits_and_grads(hf, lambda t: hf(input_ids=t).logits, tokens, labels)
 
-    hf_logits = hf(input_ids=tokens).logits
-    titan_logits = titan(tokens)
-    assert titan_logits.dtype == torch.float32 and titan_logits.shape == (2, SEQ, VOCAB)
-    err = errors(titan_logits, hf_logits).rel_rms
-    print(f"logits rel RMS {err:.2e}")
-    assert err <= LOGITS_REL_RMS, f"logits relative RMS error {err:.3e}"
-
-    loss_fn = torch.nn.functional.cross_entropy
-    loss_fn(hf_logits.flatten(0, 1), labels.flatten()).backward()
-    loss_fn(titan_logits.flatten(0, 1), labels.flatten()).backward()
-    titan_grads = adapter.to_hf({n: p.grad for n, p in titan.named_parameters() if p.grad is not None})
-    hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
-    assert sorted(titan_grads) == sorted(hf_grads)
-    # The indexer gets no gradient from the LM loss (hard top-k) in both.
-    assert not any("indexer" in n for n in hf_grads)
-    worst = max((errors(titan_grads[n], hf_grads[n]).rel_rms, n) for n in hf_grads)
-    print(f"worst grad rel RMS {worst[0]:.2e} ({worst[1]})")
-    assert worst[0] <= GRAD_REL_RMS, f"gradient of {worst[1]}: relative RMS error {worst[0]:.3e}"
-    for n, g in hf_grads.items():
+    assert hf64_logits.dtype == torch.float64
+    assert sorted(titan32_grads) == sorted(hf64_grads)
+    assert not any("indexer" in n for n in hf64_grads)  # hard top-k: no LM-loss gradient in either
+    for n, g in hf64_grads.items():
         assert g.abs().sum() > 0, f"HF gradient of {n} is zero: the test would prove nothing there"
+
+    # titan-v4 in fp32 stays within the parity bounds of the fp64 values, or (for the few gradients
+    # that are sums over every token with heavy cancellation, like the 3-element mHC scales) within
+    # twice HF's own fp32 error on them.
+    assert titan32_logits.dtype == torch.float32 and titan32_logits.shape == (2, SEQ, VOCAB)
+    err = errors(titan32_logits, hf64_logits).rel_rms
+    print(f"fp32: logits rel RMS {err:.2e} (HF fp32: {errors(hf32_logits, hf64_logits).rel_rms:.2e})")
+    assert err <= LOGITS_REL_RMS, f"logits relative RMS error {err:.3e}"
+    for n in hf64_grads:
+        ours, theirs = (errors(g[n], hf64_grads[n]).rel_rms for g in (titan32_grads, hf32_grads))
+        assert ours <= max(GRAD_REL_RMS, 2 * theirs), f"fp32 gradient of {n}: {ours:.3e} (HF fp32: {theirs:.3e})"
 
 
 def test_clamp_is_exercised():

@@ -4,7 +4,8 @@ Every sub-layer (attention, MoE) sits between a HyperConnection's `collapse` (st
 sub-layer input) and `expand` (sub-layer output + Sinkhorn-mixed streams -> new streams); the
 HyperHead collapses the final streams once more before the norm and the output head. The mixing
 statistics, logits and the Sinkhorn projection run in fp32 (compute_dtype) whatever the streams'
-dtype.
+dtype. The math runs in the fused ops of custom_ops.mhc (Triton on CUDA for bf16 streams, the
+reference elsewhere; their reference.py states it in full).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -20,7 +20,7 @@ import custom_ops
 from torchtitan.models.utils import trunc_normal_
 
 from .args import DeepSeekV4ModelArgs
-from .precision import full_precision, rms_normalize
+from .precision import compute_dtype, full_precision
 
 
 def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -61,25 +61,19 @@ class HyperConnection(nn.Module):
         self.scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
 
     def collapse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, S, hc, D] -> (sub-layer input [B, S, D] in x's dtype, post [B, S, hc] fp32, comb [B, S, hc, hc] fp32)."""
-        hc = self.hc_mult
+        """x [B, S, hc, D] -> (sub-layer input [B, S, D] in x's dtype, post [B, S, hc] and comb
+        [B, S, hc, hc] in compute_dtype: fp32, fp64 for an fp64 model)."""
+        dtype = compute_dtype(x.dtype)
         with full_precision(x):
-            flat = rms_normalize(x.flatten(2).float(), self.norm_eps)
-            pre, post, comb = F.linear(flat, self.fn.float()).split((hc, hc, hc * hc), dim=-1)
-            pre_base, post_base, comb_base = self.base.float().split((hc, hc, hc * hc))
-            scale = self.scale.float()
-            pre = torch.sigmoid(pre * scale[0] + pre_base) + self.hc_eps
-            post = 2 * torch.sigmoid(post * scale[1] + post_base)
-            comb_logits = comb.unflatten(-1, (hc, hc)) * scale[2] + comb_base.view(hc, hc)
-            comb = custom_ops.sinkhorn(comb_logits, self.sinkhorn_iters, self.hc_eps)
-            collapsed = (pre.unsqueeze(-1) * x).sum(dim=2).to(x.dtype)
-        return collapsed, post, comb
+            return custom_ops.mhc_collapse(
+                x, self.fn.to(dtype), self.base.to(dtype), self.scale.to(dtype),
+                hc_eps=self.hc_eps, norm_eps=self.norm_eps, sinkhorn_iters=self.sinkhorn_iters,
+            )  # fmt: skip
 
     @staticmethod
     def expand(x: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """New streams [B,S,hc,D]: stream k = post[k] * out + sum_j comb[j, k] * x[j]."""
-        dtype = x.dtype
-        return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), x)
+        """New streams [B,S,hc,D] in x's dtype: stream k = post[k] * out + sum_j comb[j, k] * x[j]."""
+        return custom_ops.mhc_expand(x, out, post, comb)
 
     def init_weights(self) -> None:
         # Collapse = stream average, post = 1 (logit 0), uniform mixer (logits 0).
@@ -105,10 +99,11 @@ class HyperHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, hc, D] -> [B, S, D] in x's dtype."""
+        dtype = compute_dtype(x.dtype)
         with full_precision(x):
-            flat = rms_normalize(x.flatten(2).float(), self.norm_eps)
-            pre = torch.sigmoid(F.linear(flat, self.fn.float()) * self.scale.float() + self.base.float()) + self.hc_eps
-            return (pre.unsqueeze(-1) * x).sum(dim=2).to(x.dtype)
+            return custom_ops.hyper_head(
+                x, self.fn.to(dtype), self.base.to(dtype), self.scale.to(dtype), hc_eps=self.hc_eps, norm_eps=self.norm_eps
+            )
 
     def init_weights(self) -> None:
         trunc_normal_(self.fn, mean=0.0, std=0.02)

@@ -25,6 +25,7 @@ from .attn_kinds import SWA
 from .block import TransformerBlock
 from .mhc import HyperHead
 from .mtp import MTPBlock
+from .precision import matmul_dtype
 from .rope import compress_rope_table, main_rope_table
 
 
@@ -76,7 +77,10 @@ class DeepSeekV4Model(ModelProtocol):
             raise NotImplementedError("DeepSeek-V4: attention_masks / positions (packed documents, CP) are not supported yet")
         if self.tok_embeddings is not None:
             token_ids = tokens if token_ids is None else token_ids
-            h = self.tok_embeddings(tokens).unsqueeze(2).expand(-1, -1, self.hc_mult, -1)
+            h = self.tok_embeddings(tokens)
+            # Under single-device autocast (fp32 parameters) the streams are kept in autocast's dtype,
+            # as FSDP's bf16 parameters keep them: the mHC kernels move them at that width.
+            h = h.to(matmul_dtype(h)).unsqueeze(2).expand(-1, -1, self.hc_mult, -1)
         else:
             h = tokens
         seq_len = h.shape[1]
