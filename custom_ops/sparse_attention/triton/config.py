@@ -45,20 +45,32 @@ def _head_block(heads: int) -> int:
     return max(16, min(64, triton.next_power_of_2(heads)))
 
 
-def fwd_tiles(heads: int, dim: int, dtype: torch.dtype) -> Tiles:
-    """Forward: the query tile stays on chip (whole rows) and each key tile serves as K and V.
+def _whole_rows_fit(dim: int, dtype: torch.dtype) -> bool:
+    """Whether [64, D] query and [32, D] key tiles fit the forward's shared memory (227 KiB on H100)."""
+    return triton.next_power_of_2(dim) <= (512 if dtype == torch.bfloat16 else 128)
 
-    At H = 64, D = 512 bf16: q [64, 512] is 64 KiB of shared memory, a key tile [32, 512] 32 KiB per
-    pipeline stage, and the [64, 512] fp32 accumulator 128 registers per thread at 8 warps (two
-    warpgroups, each owning half of D, like FlashMLA).
+
+# Resource figures quoted below: these kernels compiled for sm_90 with triton 3.9 on a CPU (shared
+# memory from the kernel metadata, registers / spills from cuobjdump), at H = 64, D = 512, bf16,
+# CSA with the atomic dpool (the heaviest variant). Speed is for benchmarks/sparse_attention.py
+# --sweep to decide.
+
+
+def fwd_tiles(heads: int, dim: int, dtype: torch.dtype) -> Tiles:
+    """Forward: whole rows, the query tile on chip, each key tile used as K and V (FlashMLA's way).
+
+    At D = 512: q [64, 512] and two pipelined [32, 512] key tiles, 128 KiB of shared memory; the
+    [64, 512] fp32 accumulator is 128 registers per thread at 8 warps (two warpgroups, each owning
+    half of D): 255 registers with ~100 bytes of spill. block_dv = 256 spills nothing (164 KiB,
+    215 registers) but computes the logits twice.
     """
     d_pad = triton.next_power_of_2(dim)
-    fp32 = dtype == torch.float32  # fp32 tiles take twice the memory: halve the D slice
+    whole = _whole_rows_fit(dim, dtype)
     return Tiles(
         block_h=_head_block(heads),
         block_n=32 if d_pad >= 256 else 64,
-        block_d=d_pad,
-        block_dv=min(d_pad, 256 if fp32 else 512),
+        block_d=d_pad if whole else 64,
+        block_dv=d_pad if whole else min(d_pad, 128),
         num_warps=8 if d_pad >= 256 else 4,
         num_stages=2,
     )
@@ -67,28 +79,32 @@ def fwd_tiles(heads: int, dim: int, dtype: torch.dtype) -> Tiles:
 def bwd_dq_tiles(heads: int, dim: int, dtype: torch.dtype) -> Tiles:
     """dq (and the atomic dpool scatter): query and dO tiles re-read in 64-wide chunks of D.
 
-    Holding both [64, 512] tiles whole would take 128 KiB of shared memory before any key tile, and
-    the dpool scatter needs them again in another operand layout; chunks keep it well inside 227 KiB.
+    Whole [64, 512] q and dO tiles would take 300+ KiB of shared memory with the key tiles and the
+    scatter's operands. At D = 512: two 256-wide slices, 104 KiB, 246 registers, no spill.
     """
     d_pad = triton.next_power_of_2(dim)
     return Tiles(
         block_h=_head_block(heads),
         block_n=32,
         block_d=min(64, d_pad),
-        block_dv=min(d_pad, 256),
+        block_dv=min(d_pad, 256 if dtype == torch.bfloat16 else 128),
         num_warps=8 if d_pad >= 256 else 4,
         num_stages=2,
     )
 
 
 def bwd_dkv_tiles(heads: int, dim: int, dtype: torch.dtype) -> Tiles:
-    """dkv (window) and deterministic dpool: 64 key rows per program, query tiles in 64-wide chunks."""
+    """dkv (window) and deterministic dpool: 32 key rows per program, query tiles in 64-wide chunks.
+
+    A program of 32 window rows walks 32 + window - 1 queries (80 % of them useful at window 128;
+    64 rows: 67 %). At D = 512: two 256-wide slices, 68 KiB, ~180 registers, no spill.
+    """
     d_pad = triton.next_power_of_2(dim)
     return Tiles(
         block_h=_head_block(heads),
-        block_n=64 if d_pad >= 256 else 32,
+        block_n=32,
         block_d=min(64, d_pad),
-        block_dv=min(d_pad, 256),
+        block_dv=min(d_pad, 256 if dtype == torch.bfloat16 else 128),
         num_warps=8 if d_pad >= 256 else 4,
         num_stages=2,
     )
