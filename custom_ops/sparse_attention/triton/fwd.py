@@ -7,9 +7,9 @@ Tile schedule (FlashMLA's layout): the H query heads of one query share a single
 (K = V), so one program takes one query t and ``BLOCK_H`` of its heads as the M dimension of every
 product. It walks its visible keys in blocks of ``BLOCK_N`` rows -- first the local window
 ``max(t - window + 1, doc_start) .. t``, then the pool: every visible entry (HCA) or the top-k list
-gathered by index (CSA) -- with an online softmax. Each key tile is loaded once for all heads and used
-both as K (logits) and V (output). A program writes a ``BLOCK_DV`` slice of the output; programs of
-the other slices recompute the same logits. Programs run from the last query to the first: later
+gathered by index (CSA) -- with an online softmax. Each key tile is loaded once for all heads and,
+with whole rows (see config.Tiles), used both as K (logits) and V (output). A program writes a
+``BLOCK_DV`` slice of the output; programs of the other slices recompute the same logits. Programs run from the last query to the first: later
 queries see more keys, so the long programs start first and the grid's tail is short.
 """
 
