@@ -249,7 +249,7 @@ def test_real_shapes_match_fp32_reference(kind, heads, k):
     args = real_inputs(kind, heads, k)
     grad_out = torch.randn(args["q"].shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).cuda()
     tensors, ints = positional(args)
-    fp32 = tuple(None if x is None or not x.is_floating_point() else x.float() for x in tensors[:4]) + tensors[4:]
+    fp32 = tuple(None if x is None else x.float() for x in tensors[:4]) + tensors[4:]  # q, kv, sink, pool
     ref_out, ref_lse = reference.sparse_attention_fwd(*fp32, *ints)
     ref_grads = reference.sparse_attention_bwd(grad_out.float(), *fp32, ref_out, ref_lse, *ints)
     expected = (ref_out.cpu(), ref_lse.cpu(), {n: g.cpu() for n, g in zip(FLOAT_NAMES, ref_grads) if g is not None})
