@@ -83,7 +83,7 @@ def scanned_files() -> list[Path]:
 
 
 # Design notes that live outside the repository; the code must cite docs/ instead.
-OUTSIDE = re.compile(r"DESIGN\.md|V4_REFERENCE|TORCHTITAN_NOTES|\.\./shared")
+OUTSIDE = re.compile(r"\bDESIGN\.md|\bV4_REFERENCE\b|\bTORCHTITAN_NOTES\b|\.\./shared")
 CITED_DOC = re.compile(r"\bdocs/[\w./-]+\.md")
 
 

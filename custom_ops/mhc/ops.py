@@ -14,12 +14,15 @@ second pass over the streams.
 import torch
 from torch import Tensor
 
+from .. import flags
 from . import reference
 
 
 def _triton_supported(x: Tensor) -> bool:
     hc = x.shape[-2]
-    return x.dtype == torch.bfloat16 and hc & (hc - 1) == 0 and hc <= 16 and x.numel() > 0
+    return (
+        x.dtype == torch.bfloat16 and hc & (hc - 1) == 0 and hc <= 16 and x.numel() > 0 and not flags.reference_ops_only()
+    )
 
 
 # ---------------------------------------------------------------------------------- collapse

@@ -1,8 +1,10 @@
 """Registration of ``v4::sparse_attention`` and its backward ``v4::sparse_attention_bwd``.
 
-Both ops are registered without ``device_types``, so the eager reference serves every device (CPU
-and, until the Triton kernels land, CUDA). The backward is its own op so that under
-``torch.compile`` the backward graph also holds one opaque node instead of the traced chunk loop.
+The eager reference (reference.py) is the implementation on every device except CUDA, where bf16
+inputs run the Triton kernels (triton/, imported on the first CUDA call, so a CPU install never
+imports triton); fp32 / fp64 inputs run the reference there too (as does everything under
+``TITAN_V4_REFERENCE_OPS=1``, custom_ops/flags.py). The backward is its own op so that under
+``torch.compile`` the backward graph also holds one opaque node.
 
 The schemas come from :class:`contract.Inputs`: the forward takes its fields positionally, the
 backward takes ``grad_out, out, lse`` followed by the same fields. The ops take validated,
@@ -12,6 +14,7 @@ contiguous tensors; model code calls :func:`custom_ops.sparse_attention` (api.py
 import torch
 from torch import Tensor
 
+from .. import flags
 from . import reference
 from .contract import TENSOR_FIELDS, Grads, Inputs, Outputs, compute_dtype, schema
 
@@ -20,6 +23,20 @@ from .contract import TENSOR_FIELDS, Grads, Inputs, Outputs, compute_dtype, sche
 def sparse_attention_op(*args) -> tuple[Tensor, Tensor]:
     """out ``[B, S, H, D]`` (q's dtype), lse ``[B, S, H]`` without the sink; see reference.py."""
     return tuple(reference.sparse_attention_fwd(Inputs(*args)))
+
+
+def _kernels_apply(q: Tensor) -> bool:
+    return q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and not flags.reference_ops_only()
+
+
+@sparse_attention_op.register_kernel("cuda")
+def _sparse_attention_cuda(*args):
+    inputs = Inputs(*args)
+    if not _kernels_apply(inputs.q):
+        return tuple(reference.sparse_attention_fwd(inputs))
+    from . import triton as kernels
+
+    return tuple(kernels.sparse_attention_fwd(inputs))
 
 
 @sparse_attention_op.register_fake
@@ -40,6 +57,18 @@ def sparse_attention_bwd_op(grad_out: Tensor, out: Tensor, lse: Tensor, *args) -
     """dq, dkv, dsink, dpool. Custom ops cannot return None, so without a pool dpool is ``[B, 0, D]``."""
     inputs = Inputs(*args)
     grads = reference.sparse_attention_bwd(inputs, grad_out, Outputs(out, lse))
+    return _with_empty_dpool(grads, inputs)
+
+
+@sparse_attention_bwd_op.register_kernel("cuda")
+def _sparse_attention_bwd_cuda(grad_out, out, lse, *args):
+    inputs = Inputs(*args)
+    if not _kernels_apply(inputs.q):
+        grads = reference.sparse_attention_bwd(inputs, grad_out, Outputs(out, lse))
+    else:
+        from . import triton as kernels
+
+        grads = kernels.sparse_attention_bwd(inputs, grad_out, Outputs(out, lse))
     return _with_empty_dpool(grads, inputs)
 
 

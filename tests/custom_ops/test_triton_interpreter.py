@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-KERNEL_TESTS = ["test_sinkhorn_kernels.py", "test_mhc_kernels.py"]
+KERNEL_TESTS = ["test_sinkhorn_kernels.py", "test_mhc_kernels.py", "test_sparse_attention_triton.py"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernel tests run compiled in this process")

@@ -17,10 +17,11 @@ def test_hyper_connection_matches_formula_and_mixer_is_doubly_stochastic():
     mix = flat @ hc.fn.T
     n = a.hc_mult
     pre = torch.sigmoid(mix[..., :n] * hc.scale[0] + hc.base[:n]) + a.hc_eps
-    close(collapsed, (pre.unsqueeze(-1) * x).sum(2), dtype=torch.float32)  # mHC math runs in fp32
-    close(post, 2 * torch.sigmoid(mix[..., n : 2 * n] * hc.scale[1] + hc.base[n : 2 * n]), dtype=torch.float32)
-    assert post.dtype == comb.dtype == torch.float32 and collapsed.dtype == torch.float64
-    assert torch.allclose(comb.sum(-1), torch.ones(()), atol=1e-3) and torch.allclose(comb.sum(-2), torch.ones(()), atol=1e-5)
+    close(collapsed, (pre.unsqueeze(-1) * x).sum(2))
+    close(post, 2 * torch.sigmoid(mix[..., n : 2 * n] * hc.scale[1] + hc.base[n : 2 * n]))
+    assert post.dtype == comb.dtype == collapsed.dtype == torch.float64  # an fp64 model computes mHC in fp64
+    ones = torch.ones((), dtype=torch.float64)
+    assert torch.allclose(comb.sum(-1), ones, atol=1e-3) and torch.allclose(comb.sum(-2), ones, atol=1e-5)
     out = torch.randn(2, 5, a.dim, dtype=torch.float64)
     expanded = HyperConnection.expand(x, out, post, comb)
     manual = torch.stack([post[..., k, None].double() * out + sum(comb[..., j, k, None].double() * x[:, :, j] for j in range(n)) for k in range(n)], 2)
@@ -35,5 +36,5 @@ def test_hyper_head_matches_formula():
     flat = x.flatten(2)
     flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + a.norm_eps)
     pre = torch.sigmoid(flat @ head.fn.T * head.scale + head.base) + a.hc_eps
-    close(head(x), (pre.unsqueeze(-1) * x).sum(2), dtype=torch.float32)
+    close(head(x), (pre.unsqueeze(-1) * x).sum(2))
     assert head(x.bfloat16()).dtype == torch.bfloat16
