@@ -40,13 +40,12 @@ scratch=$(mktemp -d "${TMPDIR:-/tmp}/titan_v4_run.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
 export TITAN_V4_ERROR_DIR="$scratch/errors"
 
-set -x
+cmd=(torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0"
+     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 --log-dir "$scratch/torchrun"
+     -m titan_v4.train "${config_args[@]}" "$@")
+echo "+ ${cmd[*]}" >&2
 status=0
-PYTORCH_ALLOC_CONF="expandable_segments:True" \
-torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
-    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 --log-dir "$scratch/torchrun" \
-    -m titan_v4.train "${config_args[@]}" "$@" || status=$?
-{ set +x; } 2>/dev/null
+PYTORCH_ALLOC_CONF="expandable_segments:True" "${cmd[@]}" || status=$?
 
 if [[ $status -ne 0 ]]; then
     first=$(ls "$TITAN_V4_ERROR_DIR" 2>/dev/null | sort | head -n 1 || true)

@@ -32,6 +32,7 @@ What ``V4Trainer`` adds to torchtitan 0.2.2's ``Trainer``:
 """
 
 import os
+import sys
 import time
 
 import torch
@@ -143,10 +144,13 @@ class V4Trainer(ObserveLoss, Trainer):
 
 def run() -> None:
     """torchtitan's ``main`` with V4Trainer; a failure is also summarised for run_train.sh."""
+    stderr = sys.stderr = run_log.StderrRecorder(sys.stderr)  # to summarise argument errors
     try:
         main(V4Trainer)
-    except SystemExit:
-        raise  # argument errors: the parser has printed its message
+    except SystemExit as e:
+        if e.code not in (0, None):  # an argument error: the parser has printed its message
+            run_log.record_parser_exit(stderr.text)
+        raise
     except BaseException as e:
         run_log.record_failure(e)
         raise

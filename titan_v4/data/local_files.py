@@ -130,12 +130,38 @@ def _check_text_column(ds, column: str, builder: str, files: list[str]) -> None:
             f"(the column's type is {feature}); allowed values are text strings"
         )
     values = ds.data.column(column)
+    _check_utf8(values, builder, files)
     if values.null_count:
         row = pc.index(pc.is_null(values), True).as_py()
         file, file_row = locate_row(row, builder, files)
         raise DataError(
             f"data file {file}, row {file_row + 1}: column {column!r} is null; allowed values are text strings"
         )
+
+
+def _check_utf8(values, builder: str, files: list[str]) -> None:
+    """The JSON reader keeps invalid UTF-8 inside strings; it would fail later, without a file name."""
+    import pyarrow as pa
+
+    try:
+        for chunk in values.chunks:
+            chunk.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    raw = values.cast(pa.large_binary()).to_pylist()
+    row = next(i for i, b in enumerate(raw) if b is not None and not _decodes(b))
+    file, file_row = locate_row(row, builder, files)
+    where = _first_undecodable(file) or f"row {file_row + 1}"
+    raise DataError(f"data file {file} is not UTF-8 text ({where}): convert it to UTF-8 or remove it")
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def locate_row(row: int, builder: str, files: list[str]) -> tuple[str, int]:

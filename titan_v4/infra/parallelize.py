@@ -112,8 +112,9 @@ def _routed_experts(model: nn.Module) -> int | None:
     return next((m.experts.num_experts for m in model.modules() if isinstance(m, V4MoE)), None)
 
 
-def _allreduce_sum_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP comm hook: sum (not average) the bucket over the replicas."""
+def _allreduce_sum_hook(group, bucket):
+    """DDP comm hook: sum (not average) the bucket over the replicas. (No annotations: DDP checks
+    them against dist.GradBucket, and this module's postponed annotations are strings.)"""
     work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
 

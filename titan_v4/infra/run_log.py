@@ -82,16 +82,58 @@ def record_failure(exc: BaseException) -> str:
             logging.LogRecord("root", logging.ERROR, __file__, 0, f"titan_v4: the run failed on rank {_rank()}:\n{text}", None, None)
         )
         _file_handler.flush()
-    directory = os.environ.get(ERROR_DIR_ENV)
-    if directory:
-        try:
-            os.makedirs(directory, exist_ok=True)
-            path = os.path.join(directory, f"{time.time_ns():020d}_rank{_rank()}.txt")
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(f"rank {_rank()}: {summary}\n")
-        except OSError:
-            pass  # the summary is a convenience; the traceback is on the console anyway
+    _write_error_file(summary)
     return summary
+
+
+def summarize_parser_error(text: str) -> str | None:
+    """The first box of a tyro argument error (e.g. "Unrecognized options: --training.stepz"), as one line."""
+    lines, inside = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("╭"):
+            inside, lines = True, [stripped.strip("╭─╮ ")]
+            continue
+        if inside:
+            body = stripped.strip("│").strip()
+            if not body or body.startswith("─") or stripped.startswith("╰"):
+                break
+            lines.append(body)
+    return ": ".join([lines[0], " ".join(lines[1:])]) if len(lines) > 1 else None
+
+
+class StderrRecorder:
+    """Pass-through wrapper of sys.stderr that keeps the last ``limit`` characters written."""
+
+    def __init__(self, stream, limit: int = 20000) -> None:
+        self._stream, self._limit, self.text = stream, limit, ""
+
+    def write(self, s: str) -> int:
+        self.text = (self.text + s)[-self._limit :]
+        return self._stream.write(s)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def record_parser_exit(stderr_text: str) -> None:
+    """For a SystemExit with a non-zero code: summarise the parser's message (if any) for run_train.sh."""
+    summary = summarize_parser_error(stderr_text)
+    if summary is not None:
+        _write_error_file(f"configuration error: {summary}")
+
+
+def _write_error_file(line: str) -> None:
+    directory = os.environ.get(ERROR_DIR_ENV)
+    if not directory:
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"{time.time_ns():020d}_rank{_rank()}.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"rank {_rank()}: {line}\n")
+    except OSError:
+        pass  # the summary is a convenience; the traceback is on the console anyway
 
 
 class _DropLines(logging.Filter):
