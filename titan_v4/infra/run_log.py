@@ -99,7 +99,10 @@ def summarize_parser_error(text: str) -> str | None:
             if not body or body.startswith("─") or stripped.startswith("╰"):
                 break
             lines.append(body)
-    return ": ".join([lines[0], " ".join(lines[1:])]) if len(lines) > 1 else None
+    if len(lines) < 2:
+        return None
+    title, body = lines[0], " ".join(lines[1:])
+    return body if body.startswith(title) else f"{title}: {body}"
 
 
 class StderrRecorder:
