@@ -23,7 +23,7 @@ from torchtitan.tools.logging import logger
 
 from titan_v4.config import V4, v4_settings
 from titan_v4.data.dataset import ASSETS_DIR, PackedDocumentDataset, load_synthetic_documents
-from titan_v4.data.local_files import LOCAL_FORMATS, load_local_files, locate_row  # noqa: F401
+from titan_v4.data.local_files import LOCAL_FORMATS, DataError, load_local_files, locate_row  # noqa: F401
 
 
 def build_v4_tokenizer(job_config: JobConfig) -> HuggingFaceTokenizer:
@@ -135,6 +135,11 @@ def _hf_text_dataset(
         ds, builder, files, column = load_local_files(settings.dataset_path, column)
         loader = lambda _path: ds  # noqa: E731  (already loaded and checked)
         shard_start = contiguous_shard_start(len(ds), dp_rank, dp_world_size)
+        if contiguous_shard_start(len(ds), dp_rank + 1, dp_world_size) == shard_start:
+            raise DataError(
+                f"data-parallel rank {dp_rank} of {dp_world_size} gets no documents: {settings.dataset_path} has "
+                f"only {len(ds)} rows; use fewer data-parallel ranks or more data"
+            )
 
         def describe_row(row: int) -> str:
             file, file_row = locate_row(shard_start + row, builder, files)

@@ -6,8 +6,9 @@
 * a document that is not a string (null, a number) stops the run at that record with a message
   naming the file and row (local files) or the record (Hub), instead of the tokenizer's
   ``TextInputSequence must be str``;
-* a data-parallel rank whose shard is empty, or holds only blank documents, fails instead of
-  looping forever without a sample.
+* a data-parallel rank whose shard holds only blank documents fails instead of looping forever
+  without a sample (an empty local shard is refused by build.py before HF's split fails with an
+  IndexError).
 """
 
 from __future__ import annotations
@@ -39,11 +40,6 @@ class V4TextDataset(HuggingFaceTextDataset):
         self._describe_row = describe_row
         rank, world = kwargs.get("dp_rank", 0), kwargs.get("dp_world_size", 1)
         self._rank_text = f"data-parallel rank {rank} of {world}"
-        if isinstance(self._data, Dataset) and len(self._data) == 0:
-            raise DataError(
-                f"{self._rank_text} gets no documents from {self.dataset_name}: the data has fewer rows than "
-                "there are data-parallel ranks; use fewer data-parallel ranks or more data"
-            )
 
     def __iter__(self):
         window = 1 + self.seq_len
