@@ -50,8 +50,10 @@ PYTORCH_ALLOC_CONF="expandable_segments:True" "${cmd[@]}" || status=$?
 if [[ $status -ne 0 ]]; then
     first=$(ls "$TITAN_V4_ERROR_DIR" 2>/dev/null | sort | head -n 1 || true)
     echo >&2
-    if [[ -n "$first" ]]; then
+    if [[ "$first" == 0_* ]]; then
         echo "titan_v4: training failed (exit code $status), $(cat "$TITAN_V4_ERROR_DIR/$first")" >&2
+    elif [[ -n "$first" ]]; then
+        echo "titan_v4: training failed (exit code $status): a process ended without a Python error (killed or crashed, see torchrun's summary above); then $(cut -c1-300 "$TITAN_V4_ERROR_DIR/$first")" >&2
     else
         echo "titan_v4: training failed (exit code $status); a process ended without a Python error (killed or crashed), see above" >&2
     fi

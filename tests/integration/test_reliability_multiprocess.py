@@ -41,13 +41,16 @@ def test_kill_during_a_checkpoint_save_resumes_bit_exactly_and_ddp_matches_fsdp(
     for r in again:
         assert (r["loss"], r["grad_norm"]) == (want[r["step"]]["loss"], want[r["step"]]["grad_norm"]), (r, want)
 
-    # DDP (2 replicas) on the same weights and data: the same gradient norm as FSDP.
+    # DDP (2 replicas) on the same weights and data (FSDP's step-2 checkpoint, resharded by DCP):
+    # step 3 has the same loss and gradient norm as under FSDP.
     ddp = tmp_path / "ddp"
+    shutil.copytree(ref / "checkpoint" / "step-2", ddp / "checkpoint" / "step-2")
     run_train(*TINY, "--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree",
-              "1", "--training.steps", "1", "--checkpoint.no-enable", "--job.dump_folder", str(ddp), nproc=2)  # fmt: skip
-    got = read_metrics(ddp)[0]
-    assert got["grad_norm"] == pytest.approx(want[1]["grad_norm"], rel=1e-5), (got, want[1])
-    assert got["loss"] == pytest.approx(want[1]["loss"], rel=1e-6)
+              "1", "--training.steps", "3", "--job.dump_folder", str(ddp), nproc=2)  # fmt: skip
+    got = read_metrics(ddp)[-1]
+    assert got["step"] == 3
+    assert got["grad_norm"] == pytest.approx(want[3]["grad_norm"], rel=1e-5), (got, want[3])
+    assert got["loss"] == pytest.approx(want[3]["loss"], rel=1e-6)
 
     # Resuming the 2-process checkpoint in one process: refused, saying how to go on.
     single = tmp_path / "single"

@@ -6,8 +6,9 @@
 * :func:`record_failure`: the exception that ends a rank, as one ``ExceptionType: message`` line,
   into ``$TITAN_V4_ERROR_DIR`` (set by ``run_train.sh``) and the traceback into the log file.
   ``run_train.sh`` prints the earliest such line as the last line of the output, whichever rank hit
-  it (a rank that dies first makes the others fail with consequential errors such as
-  "Connection closed by peer"; those come later).
+  it. A rank that dies first makes the others fail with consequential errors such as
+  "Connection closed by peer": those rank after every real error, and when there is no real error
+  (the first rank was killed) the line says so.
 * :func:`quiet_cpu_noise`: drops the start-up lines that mean nothing on a CPU (no lspci, no peak
   FLOPS, no device memory, no NCCL, fp32 autocast) and two library deprecation warnings.
 """
@@ -126,13 +127,26 @@ def record_parser_exit(stderr_text: str) -> None:
         _write_error_file(f"configuration error: {summary}")
 
 
+# Errors a rank gets because another one died first: not the cause, so listed after any real error.
+_CONSEQUENTIAL = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+    "DistNetworkError",
+    "Broken pipe",
+)
+
+
 def _write_error_file(line: str) -> None:
+    """One file per failing rank, named so that ``sort`` puts the cause first: real errors (0_)
+    before consequential communication errors (1_), each kind by time."""
     directory = os.environ.get(ERROR_DIR_ENV)
     if not directory:
         return
+    kind = "1" if any(p in line for p in _CONSEQUENTIAL) else "0"
     try:
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"{time.time_ns():020d}_rank{_rank()}.txt")
+        path = os.path.join(directory, f"{kind}_{time.time_ns():020d}_rank{_rank()}.txt")
         with open(path, "w", encoding="utf-8") as f:
             f.write(f"rank {_rank()}: {line}\n")
     except OSError:
