@@ -61,7 +61,8 @@ if not torch.cuda.is_available():
 
 
 class V4Trainer(ObserveLoss, Trainer):
-    """torchtitan's Trainer with token ids for every PP stage and PP-correct gradient scaling."""
+    """torchtitan's Trainer with token ids for every PP stage, PP-correct gradient scaling, and the
+    start-up, resume and divergence checks of docs/reliability.md."""
 
     def __init__(self, job_config) -> None:
         run_log.attach_log_file(job_config.job.dump_folder)
@@ -135,7 +136,7 @@ class V4Trainer(ObserveLoss, Trainer):
 
     def train(self) -> None:
         start = time.perf_counter()
-        dp_degree = self.dataloader.dp_world_size if self.dataloader is not None else 1
+        dp_degree = getattr(self.dataloader, "dp_world_size", 1)
         self.job_config.checkpoint.load_step = resume.plan_resume(self.checkpointer, self.job_config, dp_degree)
         super().train()
         resume.purge_after_final_save(self.checkpointer)
