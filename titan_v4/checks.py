@@ -133,7 +133,9 @@ def _check_training(job_config) -> None:
     _require(t.local_batch_size >= 1, "training.local_batch_size", t.local_batch_size, "integers >= 1")
     _require(t.seq_len >= 1, "training.seq_len", t.seq_len, "integers >= 1")
     gbs = t.global_batch_size
-    _require(gbs == -1 or gbs >= 1, "training.global_batch_size", gbs, "-1 (= local batch x data-parallel degree) or >= 1")
+    _require(
+        gbs == -1 or gbs >= 1, "training.global_batch_size", gbs, "-1 (= local batch x data-parallel degree) or >= 1"
+    )
     _require(math.isfinite(t.max_norm) and t.max_norm > 0, "training.max_norm", t.max_norm, "finite numbers > 0")
     lr = job_config.optimizer.lr
     _require(math.isfinite(lr) and lr >= 0, "optimizer.lr", lr, "finite numbers >= 0")
@@ -175,9 +177,7 @@ def _check_unused_settings(job_config) -> None:
             "name): set v4.tokenizer_path, or put the tokenizer.json in model.hf_assets_path"
         )
     if job_config.validation.enable:
-        raise JobConfigError(
-            "validation.enable=True is not supported by titan_v4 yet: allowed value is false"
-        )
+        raise JobConfigError("validation.enable=True is not supported by titan_v4 yet: allowed value is false")
 
 
 def _check_parallelism(job_config, world_size: int) -> None:

@@ -2,7 +2,6 @@
 they go right (docs/reliability.md lists every case and the test that covers it)."""
 
 import os
-import shutil
 
 import pytest
 import torch

@@ -68,5 +68,9 @@ class V4TextDataset(HuggingFaceTextDataset):
                 raise DataError(f"{self._rank_text} found no non-blank document in {self.dataset_name} in a full pass")
             self._sample_idx = 0
             logger.warning(f"Dataset {self.dataset_name} is being re-looped")
-            if not isinstance(self._data, Dataset) and hasattr(self._data, "set_epoch") and hasattr(self._data, "epoch"):
+            if (
+                not isinstance(self._data, Dataset)
+                and hasattr(self._data, "set_epoch")
+                and hasattr(self._data, "epoch")
+            ):
                 self._data.set_epoch(self._data.epoch + 1)

@@ -82,7 +82,9 @@ def load_local_files(path: str, column: str):
     empty = [f for f in files if _is_empty(f, builder)]
     files = [f for f in files if f not in empty]
     if not files:
-        raise DataError(f"v4.dataset_path={path!r}: every data file is empty ({', '.join(empty)}); there is nothing to train on")
+        raise DataError(
+            f"v4.dataset_path={path!r}: every data file is empty ({', '.join(empty)}); there is nothing to train on"
+        )
     for f in empty:
         logger.warning(f"titan_v4: data file {f} is empty; it is skipped")
     try:

@@ -126,6 +126,8 @@ class V4MetricsProcessor(MetricsProcessor):
             f.write(json.dumps(record) + "\n")
 
 
-def build_v4_metrics_processor(job_config, parallel_dims, model_args=None, tag: str | None = None) -> V4MetricsProcessor:
+def build_v4_metrics_processor(
+    job_config, parallel_dims, model_args=None, tag: str | None = None
+) -> V4MetricsProcessor:
     """TrainSpec ``build_metrics_processor_fn``."""
     return V4MetricsProcessor(job_config, parallel_dims, tag)

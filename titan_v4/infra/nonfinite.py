@@ -68,9 +68,7 @@ class NonFiniteGuard:
         bad_loss, bad_grad = bool(bad[0]), bool(bad[1])
         if not (bad_loss or bad_grad):
             return self._step(*args, **kwargs)
-        what = " and ".join(
-            w for w, b in (("the loss", bad_loss), ("the gradient norm", bad_grad)) if b
-        )
+        what = " and ".join(w for w, b in (("the loss", bad_loss), ("the gradient norm", bad_grad)) if b)
         step = self._current_step()
         if self.skipped < self._budget:
             self.skipped += 1

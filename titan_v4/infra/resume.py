@@ -71,7 +71,9 @@ def _steps(folder: str) -> list[int]:
     return sorted(found, reverse=True)
 
 
-def _fit_problems(path: str, model_state: dict, other_states: set[str], dp_degree: int, exclude: list[str]) -> list[str]:
+def _fit_problems(
+    path: str, model_state: dict, other_states: set[str], dp_degree: int, exclude: list[str]
+) -> list[str]:
     """Why the checkpoint at ``path`` does not fit this run (empty if it does)."""
     saved = FileSystemReader(path).read_metadata().state_dict_metadata
     prefixes = tuple(f"{name}." for name in other_states)
@@ -100,7 +102,11 @@ def _fit_problems(path: str, model_state: dict, other_states: set[str], dp_degre
         ]
         return problems
 
-    if "optimizer" in other_states and "optimizer" not in exclude and not any(k.startswith("optimizer.") for k in saved):
+    if (
+        "optimizer" in other_states
+        and "optimizer" not in exclude
+        and not any(k.startswith("optimizer.") for k in saved)
+    ):
         return [
             "it holds only the model (checkpoint.last_save_model_only), not the optimizer and data "
             "position a resume needs. To train from its weights, start in a new --job.dump_folder with "
@@ -131,7 +137,11 @@ def _decide(
     if load_step != -1:
         steps = [load_step] if load_step in steps else []
         if not steps:
-            return -1, [], f"checkpoint.load_step={load_step}: {os.path.join(folder, f'step-{load_step}')} does not exist"
+            return (
+                -1,
+                [],
+                f"checkpoint.load_step={load_step}: {os.path.join(folder, f'step-{load_step}')} does not exist",
+            )
     warnings, damaged = [], []
     other_states = {name for name in checkpointer.states if name != "model"}
     for step in steps:
@@ -144,16 +154,22 @@ def _decide(
             if load_step != -1:
                 return -1, warnings, f"checkpoint.load_step={load_step}: checkpoint {path} is damaged: {damage}"
             damaged.append(path)
-            warnings.append(f"titan_v4: checkpoint {path} is damaged: {damage}; falling back to the previous checkpoint")
+            warnings.append(
+                f"titan_v4: checkpoint {path} is damaged: {damage}; falling back to the previous checkpoint"
+            )
             continue
         problems = _fit_problems(path, model_state, other_states, dp_degree, exclude)
         if problems:
             return -1, warnings, f"checkpoint {path} cannot be resumed by this run: " + " ".join(problems)
         return step, warnings, None
     if damaged:
-        return -1, warnings, (
-            f"no intact checkpoint in {folder} (damaged: {', '.join(damaged)}): move the damaged folders "
-            "away, or start afresh in a new --job.dump_folder"
+        return (
+            -1,
+            warnings,
+            (
+                f"no intact checkpoint in {folder} (damaged: {', '.join(damaged)}): move the damaged folders "
+                "away, or start afresh in a new --job.dump_folder"
+            ),
         )
     return -1, warnings, None
 

@@ -80,7 +80,9 @@ def record_failure(exc: BaseException) -> str:
     if _file_handler is not None and isinstance(_file_handler, logging.FileHandler):
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         _file_handler.handle(
-            logging.LogRecord("root", logging.ERROR, __file__, 0, f"titan_v4: the run failed on rank {_rank()}:\n{text}", None, None)
+            logging.LogRecord(
+                "root", logging.ERROR, __file__, 0, f"titan_v4: the run failed on rank {_rank()}:\n{text}", None, None
+            )
         )
         _file_handler.flush()
     _write_error_file(summary)
