@@ -70,3 +70,4 @@ def test_a_failure_on_a_hidden_rank_is_the_last_line(tmp_path):
     assert run.returncode != 0
     assert "rank 1: DataError: data-parallel rank 1 of 2 gets no documents" in run.last_line, run.log[-3000:]
     assert os.path.isfile(tmp_path / "run" / "logs" / "rank_1.log")
+    assert "Data: 1 local json file(s)" in run.log and "synthetic data" not in run.log
