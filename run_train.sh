@@ -10,6 +10,9 @@
 # Every argument is passed on to titan_v4.train, e.g.
 #   ./run_train.sh --training.steps 10
 #   NGPU=8 ./run_train.sh --job.config_file train_configs/flash.toml --training.steps 10
+#
+# The full log of rank 0 goes to <dump_folder>/logs/train.log. When the run fails, the error of
+# the rank that failed first (whichever it is, shown or not) is printed as the last line.
 set -euo pipefail
 
 if [[ -z "${NGPU:-}" ]]; then
@@ -31,8 +34,28 @@ for arg in "$@"; do
     esac
 done
 
-set -x
-PYTORCH_ALLOC_CONF="expandable_segments:True" \
-torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
-    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-    -m titan_v4.train "${config_args[@]}" "$@"
+# torchrun's per-rank logs (needed for LOG_RANK) and the ranks' error lines live in a scratch
+# folder that is removed at exit (without --log-dir torchrun leaves a /tmp/torchelastic_* behind).
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/titan_v4_run.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
+export TITAN_V4_ERROR_DIR="$scratch/errors"
+
+cmd=(torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0"
+     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 --log-dir "$scratch/torchrun"
+     -m titan_v4.train "${config_args[@]}" "$@")
+echo "+ ${cmd[*]}" >&2
+status=0
+PYTORCH_ALLOC_CONF="expandable_segments:True" "${cmd[@]}" || status=$?
+
+if [[ $status -ne 0 ]]; then
+    first=$(ls "$TITAN_V4_ERROR_DIR" 2>/dev/null | sort | head -n 1 || true)
+    echo >&2
+    if [[ "$first" == 0_* ]]; then
+        echo "titan_v4: training failed (exit code $status), $(cat "$TITAN_V4_ERROR_DIR/$first")" >&2
+    elif [[ -n "$first" ]]; then
+        echo "titan_v4: training failed (exit code $status): a process ended without a Python error (killed or crashed, see torchrun's summary above); then $(cut -c1-300 "$TITAN_V4_ERROR_DIR/$first")" >&2
+    else
+        echo "titan_v4: training failed (exit code $status); a process ended without a Python error (killed or crashed), see above" >&2
+    fi
+fi
+exit $status

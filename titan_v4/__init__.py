@@ -17,6 +17,7 @@ from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_
 
 from titan_v4.data import build_v4_dataloader, build_v4_tokenizer  # noqa: E402
 from titan_v4.flavors import deepseek_v4_args  # noqa: E402
+from titan_v4.infra.metrics import build_v4_metrics_processor  # noqa: E402
 from titan_v4.infra.optimizer import build_v4_optimizers  # noqa: E402
 from titan_v4.infra.parallelize import parallelize_deepseek_v4  # noqa: E402
 from titan_v4.infra.pipeline import pipeline_deepseek_v4  # noqa: E402
@@ -39,6 +40,7 @@ def get_v4_train_spec() -> TrainSpec:
         build_tokenizer_fn=build_v4_tokenizer,
         build_loss_fn=build_v4_loss,
         state_dict_adapter=DeepSeekV4StateDictAdapter,
+        build_metrics_processor_fn=build_v4_metrics_processor,
     )
 
 

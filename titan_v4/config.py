@@ -5,9 +5,9 @@ Enable it with ``[job] custom_config_module = "titan_v4.config"`` in the TOML (o
 ``JobConfig`` dataclass below into its own before parsing, so every field is settable from the
 TOML ``[v4]`` table and from the command line as ``--v4.<field>``.
 
-Data settings live here, not in ``[training]``: titan-v4's dataloader ignores torchtitan's
-``training.dataset`` / ``training.dataset_path`` (and refuses a set ``training.dataset_path`` so
-it is never silently ignored).
+Data settings live here, not in ``[training]``: titan-v4's dataloader does not read torchtitan's
+``training.dataset`` / ``training.dataset_path`` / ``model.tokenizer_path``, and refuses them when
+set (titan_v4/checks.py) so they are never silently ignored.
 """
 
 # No `from __future__ import annotations`: torchtitan's ConfigManager rebuilds these dataclasses with
@@ -54,12 +54,19 @@ class V4:
     """A tokenizer.json file (or a directory that holds one). A tokenizer_config.json next to it
     names the BOS/EOS tokens. Empty = the 2048-token tokenizer shipped in titan_v4/data/assets."""
 
+    max_nonfinite_steps: int = 0
+    """Steps with a NaN/inf loss or gradient norm whose update is skipped before the run stops
+    (per process start). 0 = stop at the first, before that step's checkpoint is written."""
+
     def __post_init__(self) -> None:
         # Runs for the TOML values and again for the final CLI-merged values.
         for name in ("mtp_loss_weight", "seq_balance_loss_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise V4ConfigError(f"v4.{name}={value!r} is invalid: allowed values are numbers >= 0")
+        value = self.max_nonfinite_steps
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise V4ConfigError(f"v4.max_nonfinite_steps={value!r} is invalid: allowed values are integers >= 0")
         if self.dataset not in DATASETS:
             raise V4ConfigError(
                 f"v4.dataset={self.dataset!r} is invalid: allowed values are {', '.join(map(repr, DATASETS))}"

@@ -22,9 +22,17 @@ What ``V4Trainer`` adds to torchtitan 0.2.2's ``Trainer``:
   microbatches and data-parallel ranks exactly like the token-normalised LM loss.
 * A check that the tokenizer's ids fit the model's vocabulary (on CUDA an out-of-range id is a
   device-side assert far from its cause).
-* Progress logging: a summary line at start, the step a run resumes from, a closing line.
+* Progress logging: a summary line at start, the step a run resumes from (and a clear line when
+  the checkpoint already reached ``training.steps``), a closing line; a log file in the dump
+  folder and the failing rank's error as the last line (``titan_v4/infra/run_log.py``).
+* Reliability (docs/reliability.md): the whole config is checked before anything is built
+  (``titan_v4/checks.py``); the checkpoint to resume is checked and damaged ones are skipped
+  (``titan_v4/infra/resume.py``); a NaN/inf loss or gradient stops the run before it writes a
+  checkpoint (``titan_v4/infra/nonfinite.py``); ``keep_latest_k`` also applies to the final save.
 """
 
+import os
+import sys
 import time
 
 import torch
@@ -42,14 +50,26 @@ from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
 from torchtitan.tools.logging import logger  # noqa: E402
 from torchtitan.train import Trainer, main  # noqa: E402
 
+from titan_v4.checks import check_job_config  # noqa: E402
+from titan_v4.config import v4_settings  # noqa: E402
+from titan_v4.infra import resume, run_log  # noqa: E402
+from titan_v4.infra.nonfinite import NonFiniteGuard, ObserveLoss  # noqa: E402
 from titan_v4.model.moe import set_aux_loss_scale  # noqa: E402
 
+if not torch.cuda.is_available():
+    run_log.quiet_cpu_noise()
 
-class V4Trainer(Trainer):
-    """torchtitan's Trainer with token ids for every PP stage and PP-correct gradient scaling."""
+
+class V4Trainer(ObserveLoss, Trainer):
+    """torchtitan's Trainer with token ids for every PP stage, PP-correct gradient scaling, and the
+    start-up, resume and divergence checks of docs/reliability.md."""
 
     def __init__(self, job_config) -> None:
+        run_log.attach_log_file(job_config.job.dump_folder)
         super().__init__(job_config)
+        self.nonfinite_guard = NonFiniteGuard(
+            self.optimizers, self.model_parts, self.device, v4_settings(job_config).max_nonfinite_steps, lambda: self.step
+        )
         # Out-of-range ids would index past the embedding: fail before the first step instead.
         model_vocab = getattr(self.model_args, "vocab_size", None)
         if self.tokenizer is not None and model_vocab is not None:
@@ -67,6 +87,11 @@ class V4Trainer(Trainer):
             f"pp={pd.pp} cp={pd.cp} ep={pd.ep}), {job_config.training.steps} steps, "
             f"dump folder {job_config.job.dump_folder}"
         )
+
+    def init_distributed(self):
+        # First thing torchtitan does with the config: refuse a bad one before building anything.
+        check_job_config(self.job_config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        return super().init_distributed()
 
     def post_dataloading_process(self, input_dict, labels):
         inputs, labels, extra_inputs, extra_kwargs = super().post_dataloading_process(input_dict, labels)
@@ -99,13 +124,38 @@ class V4Trainer(Trainer):
     def load_state_dict(self, state_dict) -> None:
         # Called by the checkpointer with the saved train state when a run resumes.
         super().load_state_dict(state_dict)
-        logger.info(f"titan_v4: resuming from the checkpoint of step {self.step}; next step is {self.step + 1}")
+        steps = self.job_config.training.steps
+        if self.step >= steps:
+            logger.warning(
+                f"titan_v4: the checkpoint in {self.checkpointer.folder} is at step {self.step} and "
+                f"training.steps is {steps}: this job is finished, nothing to train. Raise --training.steps "
+                "to train on, or use a new --job.dump_folder to start afresh"
+            )
+        else:
+            logger.info(f"titan_v4: resuming from the checkpoint of step {self.step}; next step is {self.step + 1}")
 
     def train(self) -> None:
         start = time.perf_counter()
+        dp_degree = getattr(self.dataloader, "dp_world_size", 1)
+        self.job_config.checkpoint.load_step = resume.plan_resume(self.checkpointer, self.job_config, dp_degree)
         super().train()
+        resume.purge_after_final_save(self.checkpointer)
         logger.info(f"titan_v4: training stopped at step {self.step} after {time.perf_counter() - start:.1f} s")
 
 
+def run() -> None:
+    """torchtitan's ``main`` with V4Trainer; a failure is also summarised for run_train.sh."""
+    stderr = sys.stderr = run_log.StderrRecorder(sys.stderr)  # to summarise argument errors
+    try:
+        main(V4Trainer)
+    except SystemExit as e:
+        if e.code not in (0, None):  # an argument error: the parser has printed its message
+            run_log.record_parser_exit(stderr.text)
+        raise
+    except BaseException as e:
+        run_log.record_failure(e)
+        raise
+
+
 if __name__ == "__main__":
-    main(V4Trainer)
+    run()

@@ -23,42 +23,53 @@ from torchtitan.tools.logging import logger
 
 from titan_v4.config import V4, v4_settings
 from titan_v4.data.dataset import ASSETS_DIR, PackedDocumentDataset, load_synthetic_documents
-
-# File extension -> HF `datasets` builder for dataset = "local".
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+from titan_v4.data.local_files import LOCAL_FORMATS, DataError, load_local_files, locate_row  # noqa: F401
 
 
 def build_v4_tokenizer(job_config: JobConfig) -> HuggingFaceTokenizer:
-    """The tokenizer named by ``v4.tokenizer_path`` (default: the shipped 2048-token BPE).
+    """The tokenizer named by ``v4.tokenizer_path``; else the one in ``model.hf_assets_path`` when
+    that folder holds a ``tokenizer.json`` (torchtitan's convention); else the shipped 2048-token BPE.
 
     ``v4.tokenizer_path`` is a ``tokenizer.json`` file or a directory holding one; a
     ``tokenizer_config.json`` beside it must name ``bos_token`` and ``eos_token``, which the
     dataset puts around every document.
     """
-    path = v4_settings(job_config).tokenizer_path or ASSETS_DIR
+    path, setting = v4_settings(job_config).tokenizer_path, "v4.tokenizer_path"
+    if not path:
+        assets = job_config.model.hf_assets_path
+        if assets and os.path.isfile(os.path.join(assets, "tokenizer.json")):
+            path, setting = assets, "model.hf_assets_path"
+        else:
+            path, setting = ASSETS_DIR, "the bundled tokenizer"
     if os.path.isdir(path):
         directory = path
     elif os.path.isfile(path):
         if os.path.basename(path) != "tokenizer.json":
             raise ValueError(
-                f"v4.tokenizer_path={path!r} is invalid: allowed values are a file named tokenizer.json "
+                f"{setting}={path!r} is invalid: allowed values are a file named tokenizer.json "
                 "or a directory that holds one"
             )
         directory = os.path.dirname(path) or "."
     else:
-        raise FileNotFoundError(f"v4.tokenizer_path={path!r} does not exist")
+        raise FileNotFoundError(f"{setting}={path!r} does not exist")
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        raise FileNotFoundError(f"v4.tokenizer_path={path!r}: no tokenizer.json in {directory!r}")
+        raise FileNotFoundError(f"{setting}={path!r}: no tokenizer.json in {directory!r}")
 
-    tokenizer = HuggingFaceTokenizer(directory)
+    try:
+        tokenizer = HuggingFaceTokenizer(directory)
+    except Exception as e:
+        raise ValueError(
+            f"{setting}={path!r}: {os.path.join(directory, 'tokenizer.json')} (or tokenizer_config.json beside it) "
+            f"is not a valid Hugging Face tokenizers file: {type(e).__name__}: {e}"
+        ) from e
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         raise ValueError(
-            f"v4.tokenizer_path={path!r}: the tokenizer has no BOS/EOS token (bos_id={tokenizer.bos_id}, "
+            f"{setting}={path!r}: the tokenizer has no BOS/EOS token (bos_id={tokenizer.bos_id}, "
             f"eos_id={tokenizer.eos_id}); put a tokenizer_config.json naming bos_token and eos_token "
             "next to tokenizer.json"
         )
     logger.info(
-        f"Tokenizer {os.path.join(directory, 'tokenizer.json')}: {tokenizer.get_vocab_size()} tokens, "
+        f"Tokenizer {os.path.join(directory, 'tokenizer.json')} ({setting}): {tokenizer.get_vocab_size()} tokens, "
         f"bos={tokenizer.bos_id} eos={tokenizer.eos_id}"
     )
     return tokenizer
@@ -103,37 +114,6 @@ def build_v4_dataloader(
     )
 
 
-def _local_data_files(path: str) -> tuple[str, list[str]]:
-    """(HF builder name, sorted files) for v4.dataset_path = one file or a directory of one format."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"v4.dataset_path={path!r} does not exist")
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(root, name)
-            for root, _, names in os.walk(path)
-            for name in names
-            if os.path.splitext(name)[1] in LOCAL_FORMATS
-        )
-    else:
-        files = [path]
-    allowed = ", ".join(LOCAL_FORMATS)
-    if not files:
-        raise FileNotFoundError(f"v4.dataset_path={path!r}: no data files found (allowed extensions: {allowed})")
-    builders = {LOCAL_FORMATS.get(os.path.splitext(f)[1]) for f in files}
-    if None in builders:
-        raise ValueError(f"v4.dataset_path={path!r} is invalid: allowed extensions are {allowed}")
-    if len(builders) > 1:
-        raise ValueError(f"v4.dataset_path={path!r} mixes formats {sorted(builders)}: use files of one format")
-    return builders.pop(), files
-
-
-def _load_local(builder: str, files: list[str], _path: str):
-    """Map-style HF dataset over local files (torchtitan's loader protocol passes the path again)."""
-    from datasets import load_dataset
-
-    return load_dataset(builder, data_files={"train": files}, split="train")
-
-
 def _load_hub(name: str, split: str, path: str):
     """Streamed HF Hub dataset: nothing is downloaded up front; resumable via its state_dict."""
     from datasets import load_dataset
@@ -144,36 +124,54 @@ def _load_hub(name: str, split: str, path: str):
 def _hf_text_dataset(
     settings: V4, tokenizer: HuggingFaceTokenizer, seq_len: int, dp_rank: int, dp_world_size: int, infinite: bool
 ) -> IterableDataset:
-    """torchtitan's HuggingFaceTextDataset over a local or Hub dataset (imports HF `datasets`)."""
+    """torchtitan's HuggingFaceTextDataset (as V4TextDataset) over a local or Hub dataset."""
     from torchtitan.hf_datasets import DatasetConfig
-    from torchtitan.hf_datasets.text_datasets import DATASETS, HuggingFaceTextDataset
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    from titan_v4.data.hf_text import V4TextDataset, contiguous_shard_start
 
     column = settings.text_column
     if settings.dataset == "local":
-        builder, files = _local_data_files(settings.dataset_path)
-        if builder == "text":
-            column = "text"  # HF's text builder: one sample per line, in column "text"
-        loader = partial(_load_local, builder, files)
-        logger.info(f"Data: {len(files)} local {builder} file(s) under {settings.dataset_path}, column {column!r}")
+        ds, builder, files, column = load_local_files(settings.dataset_path, column)
+        loader = lambda _path: ds  # noqa: E731  (already loaded and checked)
+        shard_start = contiguous_shard_start(len(ds), dp_rank, dp_world_size)
+        if contiguous_shard_start(len(ds), dp_rank + 1, dp_world_size) == shard_start:
+            raise DataError(
+                f"data-parallel rank {dp_rank} of {dp_world_size} gets no documents: {settings.dataset_path} has "
+                f"only {len(ds)} rows; use fewer data-parallel ranks or more data"
+            )
+
+        def describe_row(row: int) -> str:
+            file, file_row = locate_row(shard_start + row, builder, files)
+            return f"data file {file}, row {file_row + 1}, column {column!r}"
+
+        logger.info(
+            f"Data: {len(files)} local {builder} file(s) under {settings.dataset_path}, {len(ds)} rows, column {column!r}"
+        )
     else:
-        loader = partial(_load_hub, settings.dataset_subset, settings.dataset_split)
+        hub_loader = partial(_load_hub, settings.dataset_subset, settings.dataset_split)
+
+        def loader(path: str):
+            ds = hub_loader(path)
+            columns = ds.column_names  # None for some streamed datasets: nothing to check then
+            if columns is not None and column not in columns:
+                raise ValueError(f"v4.text_column={column!r} is invalid: allowed values are the columns {columns}")
+            return ds
+
+        def describe_row(row: int) -> str:
+            return (
+                f"Hub dataset {settings.dataset_path} (split {settings.dataset_split}), record {row + 1} of "
+                f"data-parallel rank {dp_rank}'s stream, column {column!r}"
+            )
+
         logger.info(
             f"Data: Hub dataset {settings.dataset_path} subset={settings.dataset_subset or None} "
             f"split={settings.dataset_split} (streamed), column {column!r}"
         )
 
-    def loader_with_column_check(path: str):
-        ds = loader(path)
-        columns = ds.column_names  # None for some streamed datasets: nothing to check then
-        if columns is not None and column not in columns:
-            raise ValueError(f"v4.text_column={column!r} is invalid: allowed values are the columns {columns}")
-        return ds
-
     name = f"titan_v4_{settings.dataset}"
-    DATASETS[name] = DatasetConfig(
-        path=settings.dataset_path, loader=loader_with_column_check, sample_processor=operator.itemgetter(column)
-    )
-    return HuggingFaceTextDataset(
+    DATASETS[name] = DatasetConfig(path=settings.dataset_path, loader=loader, sample_processor=operator.itemgetter(column))
+    return V4TextDataset(
         dataset_name=name,
         dataset_path=None,
         tokenizer=tokenizer,
@@ -181,4 +179,5 @@ def _hf_text_dataset(
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
         infinite=infinite,
+        describe_row=describe_row,
     )

@@ -35,6 +35,8 @@ class PackedDocumentDataset(IterableDataset):
     labels are the inputs shifted by one. Windows do not overlap (the last label of one window is
     not the first input of the next), exactly like torchtitan's ``HuggingFaceTextDataset``.
 
+    Blank documents (empty or whitespace only) are skipped.
+
     Data parallelism: rank ``r`` of ``w`` reads documents ``r, r + w, r + 2w, ...``. With
     ``infinite=True`` it starts over from its first document when they run out (same order every
     epoch), otherwise it stops; the token remainder carries over between epochs.
@@ -58,11 +60,12 @@ class PackedDocumentDataset(IterableDataset):
             raise ValueError(f"seq_len={seq_len} is invalid: must be >= 1")
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank={dp_rank} is invalid for dp_world_size={dp_world_size}")
-        self._documents = documents[dp_rank::dp_world_size]
+        # Blank documents (empty or whitespace only) would become BOS EOS samples: skip them.
+        self._documents = [d for d in documents[dp_rank::dp_world_size] if d.strip()]
         if not self._documents:
             raise ValueError(
-                f"data-parallel rank {dp_rank} of {dp_world_size} gets no documents: the corpus has only "
-                f"{len(documents)}; use fewer data-parallel ranks or a larger corpus"
+                f"data-parallel rank {dp_rank} of {dp_world_size} gets no documents (blank ones do not count): the corpus has "
+                f"only {len(documents)}; use fewer data-parallel ranks or a larger corpus"
             )
         self._tokenizer = tokenizer
         self.seq_len = seq_len

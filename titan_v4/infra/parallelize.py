@@ -4,11 +4,16 @@ EP -> activation checkpointing -> per-block compile -> FSDP2 / HSDP (or DDP).
 Reuses torchtitan's `apply_moe_ep_tp`, `apply_ac`, `apply_fsdp` and `apply_ddp`; V4's MoE keeps the
 attribute names they key on (see model/moe.py). Not supported yet (clear errors): tensor and
 context parallelism, and float8 / DeepEP.
+
+DDP gradients: torchtitan 0.2.2 backpropagates SUM loss / global token count, so the replicas'
+gradients must be summed; DDP averages them (divides by the replica count again), which made DDP
+gradients 1/dp_replicate of the FSDP ones. `apply_v4_ddp` registers a summing comm hook.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
@@ -19,6 +24,7 @@ from torchtitan.models.llama4.infra.parallelize import apply_fsdp, apply_moe_ep_
 from torchtitan.tools.logging import logger
 
 import custom_ops  # noqa: F401  (registers torch.ops.v4.*)
+from titan_v4.checks import check_model_parallelism
 
 # Ops whose outputs selective (per-op) activation checkpointing keeps instead of recomputing.
 OP_SAC_SAVE_LIST = {
@@ -51,6 +57,9 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
         )
     if job_config.model.converters:
         raise NotImplementedError(f"model.converters={job_config.model.converters}: not supported for DeepSeek-V4 yet")
+    routed_experts = _routed_experts(model)
+    if routed_experts is not None:  # fail here, not with "Split sizes doesn't match" in step 1
+        check_model_parallelism(routed_experts, parallel_dims.ep)
 
     if parallel_dims.ep_enabled:
         apply_moe_ep_tp(
@@ -93,8 +102,27 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
         )
         logger.info("Applied %s to the model", "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP")
     elif parallel_dims.dp_replicate_enabled:
-        apply_ddp(model, parallel_dims.get_mesh("dp_replicate"), enable_compile=compile_model)
+        apply_v4_ddp(model, parallel_dims.get_mesh("dp_replicate"), enable_compile=compile_model)
     return model
+
+
+def _routed_experts(model: nn.Module) -> int | None:
+    from titan_v4.model.moe import V4MoE
+
+    return next((m.experts.num_experts for m in model.modules() if isinstance(m, V4MoE)), None)
+
+
+def _allreduce_sum_hook(group, bucket):
+    """DDP comm hook: sum (not average) the bucket over the replicas. (No annotations: DDP checks
+    them against dist.GradBucket, and this module's postponed annotations are strings.)"""
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def apply_v4_ddp(model: nn.Module, dp_mesh, enable_compile: bool) -> None:
+    """torchtitan's `apply_ddp` with gradients summed over the replicas (see the module docstring)."""
+    apply_ddp(model, dp_mesh, enable_compile=enable_compile)
+    model.register_comm_hook(dp_mesh.get_group(), _allreduce_sum_hook)
 
 
 def apply_block_compile(model: nn.Module, job_config: JobConfig, fullgraph: bool) -> None:

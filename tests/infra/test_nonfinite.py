@@ -1,0 +1,76 @@
+"""titan_v4.infra.nonfinite.NonFiniteGuard: a NaN/inf loss or gradient stops the run before the
+update (and so before the step's checkpoint), or is skipped up to v4.max_nonfinite_steps times."""
+
+import pytest
+import torch
+from torch import nn
+
+from titan_v4.infra.nonfinite import NonFiniteError, NonFiniteGuard
+
+
+class _Optimizers:
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+
+
+def _setup(budget=0):
+    model = nn.Linear(3, 2)
+    opt = _Optimizers()
+    guard = NonFiniteGuard(opt, [model], torch.device("cpu"), budget, step_fn=lambda: 7)
+    return model, opt, guard
+
+
+def _backward(model, scale=1.0):
+    model.zero_grad()
+    loss = model(torch.ones(1, 3)).sum() * scale
+    loss.backward()
+    return loss
+
+
+def test_finite_steps_pass_through():
+    model, opt, guard = _setup()
+    guard.observe_loss(_backward(model))
+    opt.step()
+    assert opt.steps == 1
+
+
+@pytest.mark.parametrize("scale, what", [(float("nan"), "the loss and the gradient norm"), (float("inf"), "the loss and the gradient norm")])
+def test_a_nonfinite_step_stops_before_the_update(scale, what):
+    model, opt, guard = _setup()
+    guard.observe_loss(_backward(model, scale))
+    with pytest.raises(NonFiniteError, match=f"step 7: {what} is not finite.*v4.max_nonfinite_steps"):
+        opt.step()
+    assert opt.steps == 0
+
+
+def test_a_nonfinite_loss_alone_stops_the_run():
+    model, opt, guard = _setup()
+    _backward(model)
+    guard.observe_loss(torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteError, match="step 7: the loss is not finite"):
+        opt.step()
+
+
+def test_nonfinite_gradients_alone_stop_the_run():
+    model, opt, guard = _setup()
+    guard.observe_loss(_backward(model))
+    model.weight.grad[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="step 7: the gradient norm is not finite"):
+        opt.step()
+
+
+def test_max_nonfinite_steps_skips_that_many_updates_then_stops():
+    model, opt, guard = _setup(budget=2)
+    for _ in range(2):
+        guard.observe_loss(_backward(model, float("nan")))
+        opt.step()  # skipped, no error
+    assert opt.steps == 0 and guard.skipped == 2
+    guard.observe_loss(_backward(model))
+    opt.step()  # a good step still updates
+    assert opt.steps == 1
+    guard.observe_loss(_backward(model, float("nan")))
+    with pytest.raises(NonFiniteError):
+        opt.step()
