@@ -37,15 +37,21 @@ def dequantize_fp8(values: torch.Tensor, scales: torch.Tensor, row0: int) -> tor
     return values.float() * decode_scales(scales)[block_rows][:, block_cols]
 
 
+def _fp4_byte_table(device: torch.device) -> torch.Tensor:
+    """[256, 2] fp32: the two E2M1 values of each byte (low nibble first)."""
+    values = torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
+    byte = torch.arange(256, device=device)
+    return torch.stack((values[byte & 0x0F], values[byte >> 4]), dim=-1)
+
+
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """int8 [R, C/2] -> fp32 [R, C] E2M1 values (unscaled)."""
-    codes = packed.view(torch.uint8)
-    nibbles = torch.stack((codes & 0x0F, codes >> 4), dim=-1).reshape(codes.shape[0], -1)
-    return torch.tensor(FP4_VALUES, dtype=torch.float32, device=packed.device)[nibbles.long()]
+    codes = packed.view(torch.uint8).long()
+    return _fp4_byte_table(packed.device)[codes].reshape(packed.shape[0], -1)
 
 
 def dequantize_fp4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """packed: int8 [R, C/2] (whole rows); scales: E8M0 [R, C/32] -> fp32 [R, C]."""
     values = unpack_fp4(packed)
-    groups = torch.arange(values.shape[1], device=packed.device) // FP4_GROUP
-    return values * decode_scales(scales)[:, groups]
+    rows, cols = values.shape
+    return (values.view(rows, cols // FP4_GROUP, FP4_GROUP) * decode_scales(scales).unsqueeze(-1)).view(rows, cols)

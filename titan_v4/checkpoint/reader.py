@@ -102,12 +102,11 @@ class CheckpointReader(StorageReader):
         for item in items:
             entry = self.entries[item.storage_index.fqn]
             target = planner.resolve_tensor(item).detach()
-            values = entry.read(tuple(item.storage_offsets), tuple(item.lengths), target.device)
-            if values.shape != target.shape:
-                raise AssertionError(f"{entry.key}: read {tuple(values.shape)} for a destination of {tuple(target.shape)}")
-            target.copy_(values)
+            if tuple(target.shape) != tuple(item.lengths):
+                raise AssertionError(f"{entry.key}: DCP planned {tuple(item.lengths)} for a destination of {tuple(target.shape)}")
+            entry.read_into(target, tuple(item.storage_offsets))
             planner.commit_tensor(item, target)
-            progress.advance(storage_order(item)[0], values.numel() * target.element_size())
+            progress.advance(storage_order(item)[0], target.numel() * target.element_size())
         progress.finish(len(items))
         future: Future[None] = Future()
         future.set_result(None)

@@ -39,8 +39,9 @@ class Source:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype `read` returns: the stored one, fp32 for quantised weights."""
-        return self.weight.torch_dtype if self.encoding == PLAIN else torch.float32
+        """The narrowest dtype that holds the values exactly: the stored one, or bf16 for quantised
+        weights (FP8 and FP4 codes times a power of two fit bf16's 8 mantissa bits)."""
+        return self.weight.torch_dtype if self.encoding == PLAIN else torch.bfloat16
 
     def read(self, offsets: tuple[int, ...], lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """The box [offsets, offsets + lengths) of the logical tensor, on `device`: plain sources in
@@ -89,16 +90,21 @@ class Entry:
     def all_sources(self) -> tuple[Source, ...]:
         return self.sources if self.experts is None else tuple(s for group in self.experts for s in group)
 
-    def read(self, offsets: tuple[int, ...], lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """The box [offsets, offsets + lengths) of this tensor on `device` (see Source.read for dtypes)."""
+    def read_into(self, out: torch.Tensor, offsets: tuple[int, ...]) -> None:
+        """Fill `out` with the box [offsets, offsets + out.shape) of this tensor, decoding on
+        out's device and converting to out's dtype; stacked experts are decoded one at a time."""
+        lengths = tuple(out.shape)
         if self.experts is None:
-            return self.sources[0].read(offsets, lengths, device)
-        return torch.stack(
-            [self._read_expert(e, offsets[1:], lengths[1:], device) for e in range(offsets[0], offsets[0] + lengths[0])]
-        )
+            out.copy_(self.sources[0].read(offsets, lengths, out.device))
+            return
+        for i in range(lengths[0]):
+            out[i].copy_(self._read_expert(offsets[0] + i, offsets[1:], lengths[1:], out.device))
 
-    def read_all(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return self.read((0,) * len(self.shape), self.shape, torch.device(device))
+    def read_all(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor on the CPU, in `dtype` (default: `self.dtype`, exact)."""
+        out = torch.empty(self.shape, dtype=dtype or self.dtype)
+        self.read_into(out, (0,) * len(self.shape))
+        return out
 
     def _read_expert(self, expert: int, offsets, lengths, device) -> torch.Tensor:
         """Rows [offsets[0], offsets[0] + lengths[0]) of expert `expert`'s concatenated sources."""
