@@ -139,7 +139,7 @@ class _Progress:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / GIB:.2f} GiB allocated"
         logger.info(
-            f"checkpoint: loaded {n_items} tensor slices ({self.bytes / GIB:.2f} GiB in the model's dtypes) from "
+            f"checkpoint: loaded {n_items} tensor slices ({self.bytes / GIB:.3f} GiB in the model's dtypes) from "
             f"{self.n_files} files of {self.path} in {time.monotonic() - self.start:.1f} s; peak host memory "
             f"{peak_host_memory_gib():.2f} GiB{gpu}"
         )
