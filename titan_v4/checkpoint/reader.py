@@ -137,7 +137,10 @@ class _Progress:
     def finish(self, n_items: int) -> None:
         gpu = ""
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / GIB:.2f} GiB allocated"
+            gpu = (
+                f", peak GPU memory {torch.cuda.max_memory_allocated() / GIB:.2f} GiB allocated, "
+                f"{torch.cuda.max_memory_reserved() / GIB:.2f} GiB reserved"
+            )
         logger.info(
             f"checkpoint: loaded {n_items} tensor slices ({self.bytes / GIB:.3f} GiB in the model's dtypes) from "
             f"{self.n_files} files of {self.path} in {time.monotonic() - self.start:.1f} s; peak host memory "

@@ -9,7 +9,8 @@ along a new dim 0, e.g. HF's `gate_up_proj [E, 2I, D]` from the official `w1 [I,
 
 Reads ask for a box (`offsets`, `lengths` per dim, as DCP plans them); only the rows of dim 0 (of
 each expert's tensors) that the box covers are read from disk, and decoding runs on the device the
-values are going to.
+values are going to (the small scale tensors are decoded to fp32 on the host first, so the device
+only needs E4M3 and integer ops).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantization import FP8_BLOCK, dequantize_fp4, dequantize_fp8
+from .quantization import FP8_BLOCK, decode_scales, dequantize_fp4, dequantize_fp8
 from .safetensors_file import StoredTensor
 
 PLAIN, FP8, FP4 = "plain", "fp8", "fp4"
@@ -55,12 +56,13 @@ class Source:
             first_block, end_block = row0 // FP8_BLOCK, -(-(row0 + rows) // FP8_BLOCK)
             values = dequantize_fp8(
                 self.weight.read_rows(row0, row0 + rows).to(device),
-                self.scale.read_rows(first_block, end_block).to(device),
+                decode_scales(self.scale.read_rows(first_block, end_block)).to(device),
                 row0,
             )
         else:
             values = dequantize_fp4(
-                self.weight.read_rows(row0, row0 + rows).to(device), self.scale.read_rows(row0, row0 + rows).to(device)
+                self.weight.read_rows(row0, row0 + rows).to(device),
+                decode_scales(self.scale.read_rows(row0, row0 + rows)).to(device),
             )
         for dim in range(1, len(self.shape)):
             values = values.narrow(dim, offsets[dim], lengths[dim])
