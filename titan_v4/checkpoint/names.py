@@ -96,7 +96,6 @@ HF_DOWN = "mlp.experts.down_proj"
 
 TITAN_BLOCK = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
 HF_BLOCK = re.compile(r"^(model\.layers|mtp)\.(\d+)\.(.+)$")
-OFFICIAL_BLOCK = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
 OFFICIAL_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123])\.weight$")
 
 

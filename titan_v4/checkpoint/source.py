@@ -35,10 +35,6 @@ class Source:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes + (self.scale.nbytes if self.scale is not None else 0)
-
-    @property
     def dtype(self) -> torch.dtype:
         """The narrowest dtype that holds the values exactly: the stored one, or bf16 for quantised
         weights (FP8 and FP4 codes times a power of two fit bf16's 8 mantissa bits)."""
@@ -79,11 +75,6 @@ class Entry:
     shape: tuple[int, ...]
     sources: tuple[Source, ...]
     experts: tuple[tuple[Source, ...], ...] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        """Stored bytes (weights and scales)."""
-        return sum(s.nbytes for s in self.all_sources())
 
     @property
     def dtype(self) -> torch.dtype:

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from torchtitan.protocols.state_dict_adapter import StateDictAdapter
+from torchtitan.tools.logging import logger
 
 from titan_v4.checkpoint import names
 from titan_v4.checkpoint.reader import CheckpointReader
@@ -182,6 +183,8 @@ class DeepSeekV4StateDictAdapter(StateDictAdapter):
         (when present) field by field, then every tensor's name and shape; the first mismatch
         raises CheckpointMismatchError.
         """
+        if from_quantized:
+            logger.info("checkpoint.initial_load_in_hf_quantized is not needed: quantised weights are recognised in the files")
         return CheckpointReader(path, expected_hf_tensors(self.model_args), self.model_args)
 
 
