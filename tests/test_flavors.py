@@ -9,7 +9,7 @@ from titan_v4.model.model import DeepSeekV4Model
 
 
 def test_unknown_flavor_lists_allowed():
-    with pytest.raises(KeyError, match=r"model.flavor='flashh'.*allowed: \['debugmodel', 'flash', 'flash_proxy', 'pro'\]"):
+    with pytest.raises(KeyError, match=r"model.flavor='flashh'.*allowed: \['debugmodel', 'flash', 'flash_4layers', 'flash_proxy', 'pro'\]"):
         deepseek_v4_args["flashh"]
 
 
@@ -30,3 +30,5 @@ def test_flavors_are_the_released_models():
     proxy = deepseek_v4_args["flash_proxy"]
     assert proxy.attn_types == (SWA, CSA, HCA, CSA) and (proxy.n_routed_experts, proxy.n_activated_experts) == (16, 6)
     assert (proxy.dim, proxy.n_heads, proxy.moe_inter_dim) == (flash.dim, flash.n_heads, flash.moe_inter_dim)
+    four = deepseek_v4_args["flash_4layers"]
+    assert four.replace(n_layers=43, attn_types=flash.attn_types) == flash  # Flash, truncated

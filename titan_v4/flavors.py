@@ -1,7 +1,8 @@
 """The DeepSeek-V4 flavors: `[model] flavor = ...` in a TOML config picks one.
 
 `debugmodel` is tiny and covers every block kind; `flash` and `pro` are the released models
-(docs/deepseek_v4.md); `flash_proxy` is Flash's width on 4 layers, sized for one 80 GB GPU.
+(docs/deepseek_v4.md); `flash_proxy` is Flash's width on 4 layers, sized for one 80 GB GPU;
+`flash_4layers` is Flash's first 4 layers with all its experts (checkpoint-load benchmark).
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ deepseek_v4_args = FlavorRegistry(
             moe_inter_dim=3072,
             route_scale=2.5,
         ),
+        # The released Flash truncated to its first 4 layers (SWA, SWA, CSA, HCA; hash routing on
+        # 0-2) and its MTP block, all 256 experts: 34B parameters, the model of the checkpoint-load
+        # benchmark (benchmarks/checkpoint_load.py).
+        "flash_4layers": DeepSeekV4ModelArgs(n_layers=4, attn_types=_flash_schedule(4)),
         # Flash widths on 4 layers and 16 + 1 experts: fits one 80 GB H100 at seq 4096 with fp32
         # master weights and AdamW.
         "flash_proxy": DeepSeekV4ModelArgs(

@@ -6,7 +6,7 @@ import pytest
 
 from titan_v4.flavors import deepseek_v4_args
 from titan_v4.model.args import DeepSeekV4ModelArgs, ModelArgsError
-from titan_v4.model.hf_config import args_from_hf_config
+from titan_v4.model.hf_config import args_from_hf_config, config_fields, hf_config_from_args
 
 
 FLASH_HF_CONFIG = {  # V4-Flash config.json (docs/deepseek_v4.md)
@@ -59,3 +59,22 @@ def test_from_hf_config_reproduces_flash_and_official_pro():
 def test_from_hf_config_rejects_what_it_cannot_build(changes, match):
     with pytest.raises(ModelArgsError, match=match):
         args_from_hf_config({**FLASH_HF_CONFIG, **changes})
+
+
+@pytest.mark.parametrize("flavor", sorted(deepseek_v4_args))
+def test_hf_config_from_args_round_trips(flavor):
+    """Every architecture field comes back, through our reader and through HF transformers' own
+    config class (which is what reads the HF output of tools/convert.py)."""
+    args = deepseek_v4_args[flavor]
+    config = hf_config_from_args(args)
+    assert _same(args_from_hf_config(config, max_seq_len=args.max_seq_len), args) == []
+    transformers = pytest.importorskip("transformers", minversion="5.9")
+    hf_view = transformers.DeepseekV4Config(**config).to_dict()
+    assert {k: v for k, v in config_fields(hf_view).items() if v != getattr(args, k)} == {}
+
+
+def test_config_fields_are_the_architecture():
+    """config_fields names exactly what a config.json decides; run settings are not among them."""
+    fields = config_fields(FLASH_HF_CONFIG)
+    assert {"dim", "attn_types", "n_routed_experts", "mtp_depth", "route_scale"} <= set(fields)
+    assert not {"max_seq_len", "seq_balance_loss_weight", "load_balance_coeff", "clamp_shared_experts"} & set(fields)

@@ -1,4 +1,5 @@
-"""State-dict adapter: titan <-> HF names, expert stacking, MTP, hash-layer bias, errors."""
+"""State-dict adapter: titan <-> HF names, expert stacking, MTP under official names, hash-layer bias,
+errors."""
 
 import pytest
 import torch
@@ -38,8 +39,46 @@ def test_hf_names_and_expert_stacking(model_and_adapter):
     assert torch.equal(hf["model.layers.0.mlp.gate.tid2eid"], model.layers["0"].moe.router.tid2eid)
     assert "model.layers.0.mlp.gate.e_score_correction_bias" not in hf  # hash layer
     assert "model.layers.1.self_attn.compressor.indexer.scorer.weights_proj.weight" in hf
-    assert "mtp.0.e_proj.weight" in hf and "mtp.0.hc_head.hc_fn" in hf and "mtp.0.self_attn.q_a_proj.weight" in hf
     assert all(k.startswith(("model.", "lm_head.", "mtp.")) for k in hf)
+
+
+def test_mtp_keeps_its_official_names(model_and_adapter):
+    """HF has no MTP: the block is written under the official checkpoint's names, one tensor per
+    routed expert (spelled out here from the official schema, not from the adapter's table)."""
+    model, adapter = model_and_adapter
+    hf = adapter.to_hf(model.state_dict())
+    mtp = model.mtp["0"]
+    expected = {
+        "mtp.0.e_proj.weight": mtp.e_proj.weight,
+        "mtp.0.h_proj.weight": mtp.h_proj.weight,
+        "mtp.0.enorm.weight": mtp.enorm.weight,
+        "mtp.0.hnorm.weight": mtp.hnorm.weight,
+        "mtp.0.norm.weight": mtp.norm.weight,
+        "mtp.0.hc_head_fn": mtp.hc_head.fn,
+        "mtp.0.hc_attn_base": mtp.hc_attn.base,
+        "mtp.0.attn_norm.weight": mtp.attention_norm.weight,
+        "mtp.0.attn.wq_a.weight": mtp.attention.wq_a.weight,
+        "mtp.0.attn.attn_sink": mtp.attention.attn_sink,
+        "mtp.0.ffn.gate.weight": mtp.moe.router.gate.weight,
+        "mtp.0.ffn.gate.bias": mtp.moe.expert_bias,
+        "mtp.0.ffn.shared_experts.w2.weight": mtp.moe.shared_experts.w2.weight,
+        "mtp.0.ffn.experts.0.w1.weight": mtp.moe.experts.w1[0],
+        "mtp.0.ffn.experts.5.w3.weight": mtp.moe.experts.w3[5],
+        "mtp.0.ffn.experts.7.w2.weight": mtp.moe.experts.w2[7],
+    }
+    for name, value in expected.items():
+        assert torch.equal(hf[name], value), name
+    mtp_keys = [k for k in hf if k.startswith("mtp.")]
+    assert len([k for k in mtp_keys if ".ffn.experts." in k]) == 3 * model.model_args.n_routed_experts
+    assert not any("self_attn" in k or "mlp." in k for k in mtp_keys)
+
+
+def test_mtp_experts_must_all_be_there(model_and_adapter):
+    model, adapter = model_and_adapter
+    hf = adapter.to_hf(model.state_dict())
+    del hf["mtp.0.ffn.experts.3.w2.weight"]
+    with pytest.raises(KeyError, match=r"mtp.0.moe.experts.w2 needs the per-expert weights of experts 0..7, got experts \[0, 1, 2, 4, 5, 6, 7\]"):
+        adapter.from_hf(hf)
 
 
 def test_unknown_keys_are_errors(model_and_adapter):

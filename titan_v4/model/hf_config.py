@@ -10,13 +10,21 @@ from .attn_kinds import CSA, HCA, SWA
 def args_from_hf_config(d: dict, **overrides) -> DeepSeekV4ModelArgs:
     """Build args from an HF (`config.json`) or official (`inference/config.json`) dict.
 
+    `overrides` replace fields after the mapping (e.g. `max_seq_len`, `mtp_depth`); see
+    `config_fields` for the mapping.
+    """
+    return DeepSeekV4ModelArgs(**{**config_fields(d), **overrides})
+
+
+def config_fields(d: dict) -> dict:
+    """The DeepSeekV4ModelArgs fields an HF or official config dict sets (the architecture).
+
     Every field of the released configs is mapped; MTP depth comes from
     `num_nextn_predict_layers`; the legacy `compress_ratios` (0/4/128 per layer, plus one entry for
     the MTP block) and `num_hash_layers` / `n_hash_layers` are accepted. A config that describes an
     architecture V4 cannot build (unknown layer kinds or ratios, more than one KV head or shared
     expert, a compressed MTP block, missing fields) raises ModelArgsError; keys that do not shape
-    the model (torch_dtype, quantization_config, token ids, ...) are not read. `overrides` replace
-    fields after the mapping (e.g. `max_seq_len`, `mtp_depth`).
+    the model (torch_dtype, quantization_config, token ids, ...) are not read.
     """
     d = dict(d)
     get = d.get
@@ -115,5 +123,68 @@ def args_from_hf_config(d: dict, **overrides) -> DeepSeekV4ModelArgs:
         raise ModelArgsError(f"config n_shared_experts={get('n_shared_experts')} is unsupported: V4 has 0 or 1")
     if first("num_key_value_heads", default=1) != 1:
         raise ModelArgsError(f"config num_key_value_heads={get('num_key_value_heads')} must be 1 (V4 has one latent KV head)")
-    args.update(overrides)
-    return DeepSeekV4ModelArgs(**args)
+    return args
+
+
+_HF_LAYER_TYPE = {SWA: "sliding_attention", CSA: "compressed_sparse_attention", HCA: "heavily_compressed_attention"}
+
+
+def hf_config_from_args(args: DeepSeekV4ModelArgs) -> dict:
+    """An HF `config.json` dict (`DeepseekV4ForCausalLM`) for these args; `config_fields` of it gives
+    back every architecture field. Uses HF's own field names (`layer_types`, `compress_rates`,
+    `mlp_layer_types`, nested `rope_parameters`), so ratios and schedules other than the released
+    ones come through. Run settings (sequence length, loss weights) are not part of it."""
+    layer_types = [_HF_LAYER_TYPE[kind] for kind in args.attn_types]
+    rope_fraction = args.rope_head_dim / args.head_dim
+    return {
+        "architectures": ["DeepseekV4ForCausalLM"],
+        "model_type": "deepseek_v4",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "rms_norm_eps": args.norm_eps,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": 1,
+        "head_dim": args.head_dim,
+        "qk_rope_head_dim": args.rope_head_dim,
+        "partial_rotary_factor": rope_fraction,
+        "q_lora_rank": args.q_lora_rank,
+        "o_groups": args.o_groups,
+        "o_lora_rank": args.o_lora_rank,
+        "sliding_window": args.window_size,
+        "layer_types": layer_types,
+        "compress_rates": {"compressed_sparse_attention": args.csa_ratio, "heavily_compressed_attention": args.hca_ratio},
+        "index_n_heads": args.index_n_heads,
+        "index_head_dim": args.index_head_dim,
+        "index_topk": args.index_topk,
+        "rope_theta": args.rope_theta,
+        "compress_rope_theta": args.compress_rope_theta,
+        "rope_parameters": {
+            "main": {"rope_type": "default", "rope_theta": args.rope_theta, "partial_rotary_factor": rope_fraction},
+            "compress": {
+                "rope_type": "yarn",
+                "rope_theta": args.compress_rope_theta,
+                "partial_rotary_factor": rope_fraction,
+                "factor": args.rope_factor,
+                "original_max_position_embeddings": args.original_seq_len,
+                "beta_fast": args.beta_fast,
+                "beta_slow": args.beta_slow,
+                "attention_factor": 1.0,  # V4 applies YaRN at unit magnitude
+            },
+        },
+        "max_position_embeddings": int(args.original_seq_len * args.rope_factor),
+        "n_routed_experts": args.n_routed_experts,
+        "num_experts_per_tok": args.n_activated_experts,
+        "n_shared_experts": args.n_shared_experts,
+        "moe_intermediate_size": args.moe_inter_dim,
+        "mlp_layer_types": ["hash_moe" if args.is_hash_layer(i) else "moe" for i in range(args.n_layers)],
+        "scoring_func": args.score_func,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": args.route_scale,
+        "swiglu_limit": args.swiglu_limit,
+        "hc_mult": args.hc_mult,
+        "hc_sinkhorn_iters": args.hc_sinkhorn_iters,
+        "hc_eps": args.hc_eps,
+        "num_nextn_predict_layers": args.mtp_depth,
+        "tie_word_embeddings": False,
+    }

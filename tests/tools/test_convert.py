@@ -1,0 +1,136 @@
+"""python -m titan_v4.tools.convert: official / HF / DCP in, HF / DCP out, streaming.
+
+The official input is encoded independently (tests/helpers/official_checkpoint.py); the HF output
+is checked by HF transformers loading it."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from tests.helpers.initial_load import load_like_torchtitan
+from tests.helpers.official_checkpoint import as_torch, official_weights, write_official
+from tests.helpers.tolerances import TOLERANCES, errors
+from titan_v4.checkpoint.directory import CheckpointMismatchError
+from titan_v4.checkpoint.safetensors_file import read_header, write_file
+from titan_v4.flavors import deepseek_v4_args
+from titan_v4.model.attn_kinds import CSA, HCA, SWA
+from titan_v4.model.hf_config import hf_config_from_args
+from titan_v4.model.model import DeepSeekV4Model
+from titan_v4.model.state_dict_adapter import expected_hf_tensors
+from titan_v4.tools.convert import block_of, convert, main
+
+ARGS = deepseek_v4_args["debugmodel"].replace(max_seq_len=64, clamp_shared_experts=True)
+
+
+def loaded_model(path) -> DeepSeekV4Model:
+    torch.manual_seed(0)
+    model = DeepSeekV4Model(ARGS)
+    model.init_weights()
+    load_like_torchtitan(model, path)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    path = tmp_path_factory.mktemp("official")
+    exact = write_official(path, ARGS, official_weights(ARGS, seed=7), config=hf_config_from_args(ARGS))
+    return path, as_torch(exact)
+
+
+def test_hf_output_loads_in_transformers_with_mtp_beside_it(official, tmp_path):
+    transformers = pytest.importorskip("transformers", minversion="5.9")
+    path, exact = official
+    convert(path, "official", tmp_path, "hf")
+    hf, info = transformers.DeepseekV4ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        err = errors(loaded_model(path)(tokens)[0], hf.eval()(input_ids=tokens).logits).rel_rms
+    assert err <= TOLERANCES[(torch.float32, "model_out")].rel_rms, err
+    stored = {}
+    for file in tmp_path.glob("*.safetensors"):
+        stored.update(read_header(file))
+    mtp = sorted(k for k in stored if k.startswith("mtp."))
+    assert mtp == sorted(k for k in exact if k.startswith("mtp.") and not k.endswith(".scale"))
+    for key in ("mtp.0.e_proj.weight", "mtp.0.ffn.experts.6.w2.weight", "mtp.0.hc_head_fn"):
+        s = stored[key]
+        assert torch.equal(s.read_rows(0, s.shape[0]).double(), exact[key]), key
+    assert stored["model.layers.1.self_attn.q_b_proj.weight"].dtype == "BF16"  # dequantised, exactly
+    assert stored["model.layers.0.mlp.gate.tid2eid"].dtype == "I64"
+
+
+def test_round_trips_are_exact(official, tmp_path):
+    """official -> HF -> DCP (fp32) -> HF (fp32): the model loaded from each is the same, bit for
+    bit, and torchtitan's model-only DCP load of the DCP output gives it too."""
+    path, _ = official
+    convert(path, "official", tmp_path / "hf", "hf")
+    convert(tmp_path / "hf", "hf", tmp_path / "dcp", "dcp")
+    convert(tmp_path / "dcp", "dcp", tmp_path / "hf2", "hf", flavor="debugmodel")
+    reference = loaded_model(path).state_dict()
+    for other in (tmp_path / "hf", tmp_path / "hf2"):
+        state = loaded_model(other).state_dict()
+        assert all(torch.equal(state[k], v) for k, v in reference.items()), other
+    model = DeepSeekV4Model(ARGS)
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    assert all(torch.equal(state[k], v) for k, v in reference.items())
+    first = {k: v for f in (tmp_path / "hf").glob("*.safetensors") for k, v in read_header(f).items()}
+    second = {k: v for f in (tmp_path / "hf2").glob("*.safetensors") for k, v in read_header(f).items()}
+    assert sorted(first) == sorted(second)
+    for key, s in first.items():
+        rows = s.shape[0] if s.shape else 1
+        assert torch.equal(s.read_rows(0, rows).double(), second[key].read_rows(0, rows).double()), key
+
+
+def test_wrong_inputs_are_refused(official, tmp_path):
+    path, _ = official
+    with pytest.raises(CheckpointMismatchError, match="--input-format hf, but .* is in the official layout"):
+        convert(path, "hf", tmp_path / "a", "dcp")
+    with pytest.raises(CheckpointMismatchError, match="config.json: vocab_size = 2048, but the configured model has vocab_size = 129280"):
+        convert(path, "official", tmp_path / "b", "hf", flavor="flash")
+    convert(path, "official", tmp_path / "dcp", "dcp")
+    with pytest.raises(SystemExit, match="has no config.json: name the model with --flavor"):
+        convert(tmp_path / "dcp", "dcp", tmp_path / "c", "hf")
+    with pytest.raises(SystemExit):
+        main(["--input", str(path), "--input-format", "official", "--output", str(tmp_path / "dcp"), "--output-format", "hf"])
+
+
+def write_random_hf(path, args) -> int:
+    """A random HF-layout checkpoint, one file per block (the streaming unit); returns the largest
+    block's bytes."""
+    path.mkdir()
+    blocks: dict[str, dict[str, torch.Tensor]] = {}
+    g = torch.Generator().manual_seed(0)
+    for key, meta in expected_hf_tensors(args).items():
+        value = torch.randint(0, args.n_routed_experts, meta.shape, generator=g) if not meta.dtype.is_floating_point else torch.randn(meta.shape, generator=g).bfloat16()
+        blocks.setdefault(block_of(key), {})[key] = value
+    (path / "config.json").write_text(json.dumps(hf_config_from_args(args)))
+    for i, tensors in enumerate(blocks.values()):
+        write_file(path / f"model-{i:05d}.safetensors", tensors)
+    return max(sum(t.numel() * t.element_size() for t in b.values()) for b in blocks.values())
+
+
+def test_peak_host_memory_is_about_one_block(tmp_path):
+    """8 layers + MTP of ~25 MiB each (bf16) stream into a DCP checkpoint (fp32: ~50 MiB a block)
+    with the peak host memory, above what the process held before, under three fp32 blocks plus
+    48 MiB: far from the whole model."""
+    args = deepseek_v4_args["debugmodel"].replace(
+        n_layers=8, attn_types=(SWA, CSA, HCA, CSA) * 2, n_routed_experts=64, moe_inter_dim=512, max_seq_len=64
+    )
+    block = 2 * write_random_hf(tmp_path / "hf", args)  # in fp32
+    proc = subprocess.run(
+        [sys.executable, "-m", "titan_v4.tools.convert", "--input", str(tmp_path / "hf"), "--input-format", "hf",
+         "--output", str(tmp_path / "dcp"), "--output-format", "dcp"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    total = sum(f.stat().st_size for f in (tmp_path / "dcp").glob("*.distcp"))
+    assert total > 8 * block
+    grew = float(re.search(r"peak host memory [\d.]+ GiB \(([\d.]+) GiB above the start\)", proc.stdout).group(1)) * 2**30
+    assert grew < 3 * block + 48 * 2**20, (grew / 2**20, block / 2**20, proc.stdout[-3000:])
+    assert len(re.findall(r"convert: \[\d+/10\]", proc.stdout)) == 10  # progress: top + 8 layers + MTP
