@@ -22,11 +22,12 @@ class TrainRun:
     grad_norm: dict[int, float]
 
 
-def run_train(*args: str, nproc: int = 1, log_rank: int = 0, timeout: int = 600) -> TrainRun:
-    """``NGPU=nproc LOG_RANK=log_rank ./run_train.sh *args`` on the CPU (GPUs hidden, so the runs are
-    the same and deterministic everywhere); fails the test with the log on error."""
+def run_train(*args: str, nproc: int = 1, log_rank: int = 0, timeout: int = 600, module: str = "titan_v4.train") -> TrainRun:
+    """``NGPU=nproc LOG_RANK=log_rank TRAIN_MODULE=module ./run_train.sh *args`` on the CPU (GPUs
+    hidden, so the runs are the same and deterministic everywhere); fails the test with the log on
+    error."""
     env = dict(os.environ)
-    env.update(NGPU=str(nproc), LOG_RANK=str(log_rank), CUDA_VISIBLE_DEVICES="")
+    env.update(NGPU=str(nproc), LOG_RANK=str(log_rank), CUDA_VISIBLE_DEVICES="", TRAIN_MODULE=module)
     # torchrun from this interpreter's environment; the repo (and so the test plug-in
     # tests.helpers.llama3_ids_plugin) importable in the trainer processes.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
