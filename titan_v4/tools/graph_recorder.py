@@ -15,7 +15,9 @@ Which block a graph belongs to is known from forward hooks on the compiled block
 run outside the compiled code: the pre-hook names the block kind being called, and a compile that
 happens meanwhile belongs to it. A backward graph compiled lazily (at the first backward) is still
 attributed right, because each dynamo graph gets its own recording callbacks. The same hooks count
-dynamo's graph breaks (`torch._dynamo.utils.counters["graph_break"]`) per kind.
+dynamo's graph breaks (`torch._dynamo.utils.counters["graph_break"]`) per kind, and the recorder
+lists the submodules that have their own FSDP unit inside a compiled block: FSDP2's hooks are
+dynamo-disabled, so each one is a graph break (infra/fsdp.py says when that happens).
 
 Compile caches are switched off while recording: a cache hit would skip the compile and so the
 recording.
@@ -27,6 +29,7 @@ import collections
 import contextlib
 import functools
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -37,9 +40,9 @@ from functorch.compile import make_boxed_func
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
-from torch.distributed.fsdp import FSDPModule
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.distributed.fsdp import FSDPModule
 from torch.utils import _pytree as pytree
 
 from titan_v4.model.block import TransformerBlock
@@ -69,6 +72,7 @@ class OpCall:
     dtypes: tuple[str, ...]
     shapes: tuple[tuple[str, ...], ...]
     original_aten: str  # the op before decompositions (what Inductor names fused kernels after)
+    source: str = ""  # the model line it comes from, "titan_v4/model/mhc.py:79 in collapse"
 
 
 @dataclass
@@ -143,9 +147,23 @@ def op_calls(graph: torch.fx.Graph) -> list[OpCall]:
                 dtypes=tuple(str(t.dtype).removeprefix("torch.") for t in inputs),
                 shapes=tuple(tuple(str(s) for s in t.shape) for t in inputs),
                 original_aten=original_name,
+                source=_source_line(node),
             )
         )
     return calls
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
+
+
+def _source_line(node: torch.fx.Node) -> str:
+    """The innermost user frame of the node's stack trace (backward nodes carry their forward
+    op's), as "path:line in function" with the path relative to sys.path."""
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    if not frames:
+        return ""
+    path, line, function = frames[-1]
+    return f"{relative_paths(path)}:{line} in {function}"
 
 
 class _RecordLoweredOps(CustomGraphPass):

@@ -278,13 +278,17 @@ class KindInventory:
         for where, part in (("fw", self.forward), ("bw", self.backward)):
             for op in part.ops:
                 if _is_gemm(op.target):
-                    key = (op.target, " x ".join(map(short_dtype, op.dtypes)), " x ".join(f"[{', '.join(s)}]" for s in op.shapes))
-                    gemm_rows[key + (where,)] += 1
+                    shapes = " x ".join(f"[{', '.join(s)}]" for s in op.shapes)
+                    gemm_rows[(op.target, " x ".join(map(short_dtype, op.dtypes)), shapes, op.source, where)] += 1
         rows = []
-        for target, dtypes, shapes in sorted({k[:3] for k in gemm_rows}):
-            fw, bw = gemm_rows[(target, dtypes, shapes, "fw")], gemm_rows[(target, dtypes, shapes, "bw")]
-            rows.append([f"`{target}`", dtypes, shapes, fw, bw, (fw + bw) * n])
-        table("GEMMs (inputs as the backend lowers them)", ["op", "input dtypes", "input shapes", "fw", "bw", "per step"], rows)
+        for target, dtypes, shapes, source in sorted({k[:4] for k in gemm_rows}):
+            fw, bw = (gemm_rows[(target, dtypes, shapes, source, where)] for where in ("fw", "bw"))
+            rows.append([f"`{target}`", dtypes, shapes, source or "-", fw, bw, (fw + bw) * n])
+        table(
+            "GEMMs (inputs as the backend lowers them)",
+            ["op", "input dtypes", "input shapes", "from (model line)", "fw", "bw", "per step"],
+            rows,
+        )
         table("Collectives", ["op", "fw", "bw", "per step"], fw_bw_rows(_is_collective))
         table("Host syncs (device-to-host reads)", ["op", "fw", "bw", "per step"], fw_bw_rows(_is_host_sync))
         table("Graph breaks", ["reason", "count"], [[reason, c] for reason, c in sorted(self.graph_breaks.items())])
