@@ -3,6 +3,7 @@ parallelism (TokenDispatcher inside the experts' forward) equal the same experts
 one rank, forward and backward, eagerly and under torch.compile(fullgraph=True), and the compiled
 dispatch takes new token counts without recompiling."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -84,5 +85,6 @@ def check_rank(rank: int, store_path: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_expert_parallel_matches_whole_experts_eager_and_compiled(tmp_path):
     mp.spawn(check_rank, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
