@@ -7,6 +7,8 @@
 #   CONFIG_FILE  TOML config; default: train_configs/debug.toml (used only when the arguments
 #                carry no --job.config_file of their own)
 #   LOG_RANK     local rank(s) whose output is shown, e.g. 0 or 0,1; default: 0
+#   TRAIN_MODULE the module torchrun runs; default: titan_v4.train (dump_graphs.sh sets
+#                titan_v4.tools.dump_graphs)
 # Every argument is passed on to titan_v4.train, e.g.
 #   ./run_train.sh --training.steps 10
 #   NGPU=8 ./run_train.sh --job.config_file train_configs/flash.toml --training.steps 10
@@ -24,6 +26,7 @@ if [[ -z "${NGPU:-}" ]]; then
 fi
 LOG_RANK=${LOG_RANK:-0}
 CONFIG_FILE=${CONFIG_FILE:-"train_configs/debug.toml"}
+TRAIN_MODULE=${TRAIN_MODULE:-"titan_v4.train"}
 
 # torchtitan 0.2.2 loads the TOML named by the *first* --job.config_file, so add ours only when
 # the caller gave none (a later one would change job.config_file but not the values loaded).
@@ -42,7 +45,7 @@ export TITAN_V4_ERROR_DIR="$scratch/errors"
 
 cmd=(torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0"
      --local-ranks-filter "$LOG_RANK" --role rank --tee 3 --log-dir "$scratch/torchrun"
-     -m titan_v4.train "${config_args[@]}" "$@")
+     -m "$TRAIN_MODULE" "${config_args[@]}" "$@")
 echo "+ ${cmd[*]}" >&2
 status=0
 PYTORCH_ALLOC_CONF="expandable_segments:True" "${cmd[@]}" || status=$?

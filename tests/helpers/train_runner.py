@@ -35,13 +35,20 @@ def read_metrics(dump_folder) -> list[dict]:
 
 
 def run_train(
-    *args: str, nproc: int = 1, log_rank: int = 0, timeout: int = 600, check: bool = True, env: dict | None = None
+    *args: str,
+    nproc: int = 1,
+    log_rank: int = 0,
+    timeout: int = 600,
+    check: bool = True,
+    env: dict | None = None,
+    module: str = "titan_v4.train",
 ) -> TrainRun:
-    """``NGPU=nproc LOG_RANK=log_rank ./run_train.sh *args`` on the CPU (GPUs hidden, so the runs are
-    the same and deterministic everywhere); with ``check``, fails the test with the log on error."""
+    """``NGPU=nproc LOG_RANK=log_rank TRAIN_MODULE=module ./run_train.sh *args`` on the CPU (GPUs
+    hidden, so the runs are the same and deterministic everywhere); with ``check``, fails the test
+    with the log on error."""
     extra_env = env or {}
     env = dict(os.environ)
-    env.update(NGPU=str(nproc), LOG_RANK=str(log_rank), CUDA_VISIBLE_DEVICES="", **extra_env)
+    env.update(NGPU=str(nproc), LOG_RANK=str(log_rank), CUDA_VISIBLE_DEVICES="", TRAIN_MODULE=module, **extra_env)
     # torchrun from this interpreter's environment; the repo (and so the test plug-in
     # tests.helpers.llama3_ids_plugin) importable in the trainer processes.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")

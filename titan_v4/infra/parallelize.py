@@ -1,9 +1,11 @@
 """Parallelize a DeepSeek-V4 model (or one pipeline stage of it) in torchtitan's order:
 EP -> activation checkpointing -> per-block compile -> FSDP2 / HSDP (or DDP).
 
-Reuses torchtitan's `apply_moe_ep_tp`, `apply_ac`, `apply_fsdp` and `apply_ddp`; V4's MoE keeps the
-attribute names they key on (see model/moe.py). Not supported yet (clear errors): tensor and
-context parallelism, and float8 / DeepEP.
+Expert parallelism (expert_parallel.py) and FSDP (fsdp.py) are V4's own, so that each block
+compiles as one graph (fullgraph) under every parallelism; torchtitan's `apply_ac` and `apply_ddp`
+are reused. The one remaining graph break: routed experts that need their own FSDP unit (EP with
+more than one rank per expert shard, fsdp.py). Not supported yet (clear errors): tensor and context
+parallelism, and float8 / DeepEP.
 
 DDP gradients: torchtitan 0.2.2 backpropagates SUM loss / global token count, so the replicas'
 gradients must be summed; DDP averages them (divides by the replica count again), which made DDP
@@ -20,11 +22,14 @@ from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import apply_ddp
-from torchtitan.models.llama4.infra.parallelize import apply_fsdp, apply_moe_ep_tp
 from torchtitan.tools.logging import logger
 
 import custom_ops  # noqa: F401  (registers torch.ops.v4.*)
 from titan_v4.checks import check_model_parallelism
+from titan_v4.model.moe import V4MoE
+
+from .expert_parallel import apply_expert_parallel
+from .fsdp import apply_fsdp, experts_break_the_graph
 
 # Ops whose outputs selective (per-op) activation checkpointing keeps instead of recomputing.
 OP_SAC_SAVE_LIST = {
@@ -61,14 +66,12 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
     if routed_experts is not None:  # fail here, not with "Split sizes doesn't match" in step 1
         check_model_parallelism(routed_experts, parallel_dims.ep)
 
+    dp_names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+    experts_dp_mesh = None
     if parallel_dims.ep_enabled:
-        apply_moe_ep_tp(
-            model,
-            tp_mesh=None,
-            ep_mesh=parallel_dims.get_optional_mesh("ep"),
-            etp_mesh=None,
-            ep_etp_mesh=None,
-        )
+        apply_expert_parallel(model, parallel_dims.get_mesh("ep"))
+        # The ranks that hold the same experts (each holding a shard of them, or copies).
+        experts_dp_mesh = parallel_dims.get_mesh(["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"])
 
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":
@@ -81,11 +84,9 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
             apply_ac(holder, job_config.activation_checkpoint, **ac_args)
 
     if compile_model:
-        apply_block_compile(model, job_config, fullgraph=not parallel_dims.ep_enabled)
+        apply_block_compile(model, job_config, fullgraph=not experts_break_the_graph(experts_dp_mesh))
 
     if parallel_dims.fsdp_enabled or parallel_dims.ep_enabled:
-        dp_names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
-        edp_names = ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
         # The MTP blocks and the HyperHead stay in the root FSDP group (sharded, gathered at the end
         # of the forward).
         apply_fsdp(
@@ -96,9 +97,7 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
             pp_enabled=parallel_dims.pp_enabled,
             cpu_offload=job_config.training.enable_cpu_offload,
             reshard_after_forward_policy=job_config.parallelism.fsdp_reshard_after_forward,
-            ep_degree=parallel_dims.ep,
-            edp_mesh=parallel_dims.get_optional_mesh(edp_names),
-            gradient_divide_factor=parallel_dims.fsdp_gradient_divide_factor,
+            experts_dp_mesh=experts_dp_mesh,
         )
         logger.info("Applied %s to the model", "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP")
     elif parallel_dims.dp_replicate_enabled:
@@ -107,8 +106,6 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
 
 
 def _routed_experts(model: nn.Module) -> int | None:
-    from titan_v4.model.moe import V4MoE
-
     return next((m.experts.num_experts for m in model.modules() if isinstance(m, V4MoE)), None)
 
 
@@ -126,12 +123,13 @@ def apply_v4_ddp(model: nn.Module, dp_mesh, enable_compile: bool) -> None:
 
 
 def apply_block_compile(model: nn.Module, job_config: JobConfig, fullgraph: bool) -> None:
-    """torch.compile each transformer (and MTP) block separately: identical blocks share one graph.
+    """torch.compile each transformer (and MTP) block separately: blocks of one kind share a graph.
 
-    fullgraph is off under EP, whose all-to-all hooks on the experts break the graph.
+    fullgraph=True makes any graph break an error; it is off only where the routed experts have
+    their own FSDP unit inside the block (fsdp.py).
     """
-    # The MoE counts feed torch.searchsorted / grouped GEMM offsets as tensors; no .item() is needed,
-    # but torchtitan's EP hooks read them back, which dynamo captures as scalar outputs.
+    # Expert parallelism reads the all-to-all split sizes back to the host (expert_parallel.py);
+    # dynamo keeps them in the graph as unbacked symbolic sizes only with this on.
     torch._dynamo.config.capture_scalar_outputs = True
     backend = job_config.compile.backend
     for container in (model.layers, model.mtp):

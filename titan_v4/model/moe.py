@@ -70,6 +70,8 @@ def _run_clamped_experts_loop(
     """
     row = torch.arange(x.shape[0], device=x.device)
     expert_of_row = torch.searchsorted(torch.cumsum(num_tokens_per_expert, 0), row, right=True)
+    # Expert weights outside FSDP (expert parallelism) keep their own dtype; compute in x's.
+    w1, w2, w3 = (w.to(x.dtype) for w in (w1, w2, w3))
     out = torch.zeros_like(x)
     for e in range(w1.shape[0]):
         h = clamped_swiglu(x @ w1[e].transpose(0, 1), x @ w3[e].transpose(0, 1), swiglu_limit) @ w2[e].transpose(0, 1)
@@ -91,23 +93,31 @@ class ClampedGroupedExperts(GroupedExperts):
     The compute path is chosen per call from the device and dtype (`grouped_mm_applies`), so a model
     built outside the trainer (an HF comparison, an evaluation on the CPU) computes its experts in
     its own precision; torchtitan's `use_grouped_mm` attribute is not used.
+
+    Under expert parallelism, titan_v4.infra.expert_parallel shards the weights over the experts
+    and sets `token_dispatcher`, which this forward calls to move the rows to the ranks that own
+    their experts and back (no module hooks: the whole block stays one compiled graph).
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, swiglu_limit: float):
         super().__init__(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, use_grouped_mm=False)
         self.swiglu_limit = swiglu_limit
+        self.token_dispatcher = None
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x [T, D] rows grouped by expert, num_tokens_per_expert [E] int -> [T, D]."""
+        if self.token_dispatcher is None:
+            return self._run_local_experts(x, num_tokens_per_expert)
+        rows, local_counts, route = self.token_dispatcher.dispatch(x, num_tokens_per_expert)
+        return self.token_dispatcher.combine(self._run_local_experts(rows, local_counts), route)
+
+    def _run_local_experts(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """The experts this rank holds on rows grouped by (local) expert."""
         ws = [w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3)]
         if not grouped_mm_applies(x):
             return _run_clamped_experts_loop(*ws, x, num_tokens_per_expert, swiglu_limit=self.swiglu_limit)
-        run = functools.partial(_run_clamped_experts_grouped_mm, swiglu_limit=self.swiglu_limit)
-        # Without EP the token groups must be padded to the grouped-GEMM alignment here; under EP the
-        # ExpertParallel hooks already did it (same rule as torchtitan's GroupedExperts).
-        ep = isinstance(self.w1, DTensor) and "ep" in self.w1.device_mesh.mesh_dim_names
-        if not ep:
-            run = indices_padding_wrapper(run)
+        # Grouped GEMMs need every group padded to the alignment (torchtitan's wrapper).
+        run = indices_padding_wrapper(functools.partial(_run_clamped_experts_grouped_mm, swiglu_limit=self.swiglu_limit))
         return run(*ws, x, num_tokens_per_expert)
 
 
