@@ -1,0 +1,1 @@
+"""Command-line tools: python -m titan_v4.tools.<name>."""
