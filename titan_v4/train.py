@@ -20,15 +20,11 @@ What ``V4Trainer`` adds to torchtitan 0.2.2's ``Trainer``:
   (which each MoE layer attaches to its own output's gradient) to this microbatch's share of the
   step's valid tokens, so it averages over gradient-accumulation microbatches, pipeline
   microbatches and data-parallel ranks exactly like the token-normalised LM loss.
-* Pipeline stages without FSDP run under bf16 / fp16 autocast when
-  ``training.mixed_precision_param`` asks for it (0.2.2 would run them in fp32; see
-  ``titan_v4.infra.pipeline.stage_autocast``).
 * A check that the tokenizer's ids fit the model's vocabulary (on CUDA an out-of-range id is a
   device-side assert far from its cause).
 * Progress logging: a summary line at start, the step a run resumes from, a closing line.
 """
 
-import contextlib
 import time
 
 import torch
@@ -46,7 +42,6 @@ from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
 from torchtitan.tools.logging import logger  # noqa: E402
 from torchtitan.train import Trainer, main  # noqa: E402
 
-from titan_v4.infra.pipeline import stage_autocast  # noqa: E402
 from titan_v4.model.moe import set_aux_loss_scale  # noqa: E402
 
 
@@ -65,9 +60,6 @@ class V4Trainer(Trainer):
                     f"{job_config.model.flavor} has vocab_size={model_vocab}: use a smaller tokenizer "
                     "(v4.tokenizer_path) or a flavor with a larger vocabulary"
                 )
-        self.stage_amp = stage_autocast(self.parallel_dims, job_config, self.device.type)
-        if not isinstance(self.stage_amp, contextlib.nullcontext):
-            logger.info(f"titan_v4: pipeline stages run under torch.autocast({self.stage_amp.fast_dtype})")
         pd = self.parallel_dims
         logger.info(
             f"titan_v4: {job_config.model.name}/{job_config.model.flavor} on {self.device.type} "
@@ -95,10 +87,9 @@ class V4Trainer(Trainer):
         # the schedule computes are normalised like the non-PP path's.
         self.loss_fn.denom = global_valid_tokens
         try:
-            with self.stage_amp:
-                loss = super().forward_backward_step(
-                    input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
-                )
+            loss = super().forward_backward_step(
+                input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+            )
         finally:
             self.loss_fn.denom = None
         # The base class divides the summed microbatch losses by global_valid_tokens again for

@@ -3,7 +3,6 @@ process) that a chain of stages built by torchtitan's own splitter computes exac
 model computes, gradients included: the hc_mult-packed boundary, the MTP token embeddings carried
 from the first stage, hash-routed layers on a later stage."""
 
-import contextlib
 import types
 
 import pytest
@@ -19,13 +18,14 @@ from titan_v4.flavors import deepseek_v4_args
 from titan_v4.infra.pipeline import (
     SCHEDULES,
     PipelineConfigError,
+    autocast_forward,
     check_schedule,
     check_stage_count,
     default_module_names,
     keep_expert_loads_through_shape_inference,
     layer_counts,
     module_names_for_layer_counts,
-    stage_autocast,
+    stage_autocast_dtype,
     stage_module_names,
     validate_module_names,
 )
@@ -146,16 +146,40 @@ def test_shape_inference_forward_leaves_the_expert_loads_alone():
         keep_expert_loads_through_shape_inference(stage)
 
 
-def test_pipeline_without_fsdp_gets_autocast_like_a_single_device_run():
-    def amp(pp, fsdp, precision):
+def test_pipeline_without_fsdp_autocasts_its_forward_only():
+    def dtype(pp, fsdp, precision):
         dims = types.SimpleNamespace(pp_enabled=pp, fsdp_enabled=fsdp)
-        return stage_autocast(dims, job_config("--training.mixed_precision_param", precision), "cpu")
+        return stage_autocast_dtype(dims, job_config("--training.mixed_precision_param", precision))
 
-    bf16 = amp(pp=True, fsdp=False, precision="bfloat16")
-    assert isinstance(bf16, torch.autocast) and bf16.fast_dtype == torch.bfloat16
-    assert isinstance(amp(pp=True, fsdp=True, precision="bfloat16"), contextlib.nullcontext)  # FSDP casts
-    assert isinstance(amp(pp=False, fsdp=False, precision="bfloat16"), contextlib.nullcontext)  # torchtitan's own AMP
-    assert isinstance(amp(pp=True, fsdp=False, precision="float32"), contextlib.nullcontext)
+    assert dtype(pp=True, fsdp=False, precision="bfloat16") == torch.bfloat16
+    assert dtype(pp=True, fsdp=True, precision="bfloat16") is None  # FSDP casts
+    assert dtype(pp=False, fsdp=False, precision="bfloat16") is None  # torchtitan's own AMP
+    assert dtype(pp=True, fsdp=False, precision="float32") is None
+
+    seen = {}
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen["forward"] = torch.is_autocast_enabled("cpu")
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen["backward"] = torch.is_autocast_enabled("cpu")
+            return grad
+
+    class Part(torch.nn.Module):
+        def forward(self, x):
+            return Probe.apply(torch.nn.functional.linear(x, torch.ones(3, 3)))
+
+    part = Part()
+    autocast_forward(part, "cpu", torch.bfloat16)
+    x = torch.ones(2, 3, requires_grad=True)
+    with torch.autocast("cpu", enabled=False):  # like the schedule's step: nothing around it
+        out = part(x)
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and seen == {"forward": True, "backward": False}
 
 
 @pytest.fixture(scope="module")

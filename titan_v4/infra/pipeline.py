@@ -25,7 +25,6 @@ Design notes: docs/design.md, "Pipeline parallelism".
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from torch.distributed.pipelining.schedules import (
 from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.pipeline_parallel import generate_llm_fqn_per_model_part, pipeline_llm
+from torchtitan.tools.logging import logger
 
 from titan_v4.model.args import DeepSeekV4ModelArgs
 from titan_v4.model.moe import V4MoE, moe_layers
@@ -253,21 +253,33 @@ def pipeline_deepseek_v4(
     )
     for stage in pipeline_stages(schedule):
         keep_expert_loads_through_shape_inference(stage)
+    dtype = stage_autocast_dtype(parallel_dims, job_config)
+    if dtype is not None:
+        for part in model_parts:
+            autocast_forward(part, device.type, dtype)
+        logger.info(f"titan_v4: the pipeline stages' forward runs under torch.autocast({dtype})")
     return schedule, model_parts, has_first_stage, has_last_stage
 
 
-def stage_autocast(parallel_dims: ParallelDims, job_config: JobConfig, device_type: str):
-    """The mixed-precision context for the pipeline schedule's step.
+def stage_autocast_dtype(parallel_dims: ParallelDims, job_config: JobConfig) -> torch.dtype | None:
+    """The dtype the pipeline stages' forward autocasts to, or None.
 
     torchtitan 0.2.2 gives pipeline stages mixed precision only through FSDP (its
     `maybe_enable_amp` returns no autocast under PP), so a pipeline without FSDP would compute in
     fp32. V4's precision-sensitive math is written for autocast (model/precision.py), so such a
-    pipeline gets `torch.autocast(training.mixed_precision_param)` like a single-device run.
+    pipeline autocasts to `training.mixed_precision_param` like a single-device run.
     """
     dtype = TORCH_DTYPE_MAP[job_config.training.mixed_precision_param]
     if not parallel_dims.pp_enabled or parallel_dims.fsdp_enabled or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=dtype)
+        return None
+    return dtype
+
+
+def autocast_forward(model_part: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Run the stage's forward under autocast, and only its forward: the schedule runs the
+    backward inside the same step, and backward ops (the custom ops' included) must not be
+    autocast. Activation checkpointing replays a forward under the autocast state it recorded."""
+    model_part.forward = torch.autocast(device_type, dtype=dtype)(model_part.forward)
 
 
 def pipeline_stages(schedule) -> list:
