@@ -1,7 +1,8 @@
 """Pipeline parallelism (every schedule, and with FSDP2 / EP) and HSDP train DeepSeek-V4 exactly
-like the run without them: ./run_train.sh on CPU processes over gloo, the debugmodel flavor (a hash-routed layer
-0, MTP depth 1, so the MTP and balance losses are on) in fp32, the same seed checkpoint, and the
-loss and grad norm of each of 5 steps within LAYOUT_REL.
+like the run without them: ./run_train.sh on CPU processes over gloo, the debugmodel flavor (a
+hash-routed layer 0, MTP depth 1, so the MTP and balance losses are on) in fp32, one seed
+checkpoint, and the loss and grad norm of each of 5 steps within LAYOUT_REL. Also: a pipeline
+checkpoint resumes without pipelining, and a pipeline without FSDP trains under bf16 autocast.
 
 Every layout that keeps one data-parallel rank is compared with one single-process run; the
 layouts with two data-parallel ranks (which read other data) with one FSDP=2 run; HSDP (4
