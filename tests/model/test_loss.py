@@ -32,9 +32,9 @@ def test_v4_loss_is_lm_plus_weighted_mean_of_mtp_depths_as_a_sum():
     d1 = per_position_ce(mtp1, {(b, i): labels[b, i + 1].item() for b in range(2) for i in range(7)})
     d2 = per_position_ce(mtp2, {(b, i): labels[b, i + 2].item() for b in range(2) for i in range(6)})
     loss = V4Loss(0.3)
-    assert loss((logits, (mtp1, mtp2)), labels).item() == pytest.approx((lm + 0.3 / 2 * (d1 + d2)).item(), rel=1e-5)
+    assert loss((logits, mtp1, mtp2), labels).item() == pytest.approx((lm + 0.3 / 2 * (d1 + d2)).item(), rel=1e-5)
     assert loss(logits, labels).item() == pytest.approx(lm.item(), rel=1e-5)  # no MTP head
-    assert V4Loss(0.0)((logits, (mtp1,)), labels).item() == pytest.approx(lm.item(), rel=1e-5)
+    assert V4Loss(0.0)((logits, mtp1), labels).item() == pytest.approx(lm.item(), rel=1e-5)
     loss.denom = 4  # pipeline parallelism: each microbatch loss arrives token-normalised
     assert loss(logits, labels).item() == pytest.approx(lm.item() / 4, rel=1e-5)
 

@@ -25,7 +25,7 @@ def mtp_cross_entropy(mtp_logits: torch.Tensor, labels: torch.Tensor, depth: int
 
 
 class V4Loss:
-    """`loss(pred, labels)`: pred is logits [B,S,V] or (logits, mtp_logits tuple); returns a SUM.
+    """`loss(pred, labels)`: pred is logits [B,S,V] or (logits, mtp_logits_1, ..., mtp_logits_D); returns a SUM.
 
     total = CE(logits) + mtp_loss_weight / D * sum_k CE_k (DeepSeek-V3's MTP objective, D depths).
     `denom`, when set (pipeline parallelism, see train.py), divides the result so each microbatch
@@ -42,7 +42,7 @@ class V4Loss:
         if isinstance(pred, torch.Tensor):
             loss = cross_entropy_loss(pred, labels)
         else:
-            logits, mtp_logits = pred
+            logits, *mtp_logits = pred
             loss = cross_entropy_loss(logits, labels)
             if mtp_logits and self.mtp_loss_weight > 0:
                 mtp = sum(mtp_cross_entropy(m, labels, k + 1) for k, m in enumerate(mtp_logits))

@@ -32,9 +32,16 @@ from .rope import compress_rope_table, main_rope_table
 class DeepSeekV4Model(ModelProtocol):
     """DeepSeek-V4 (Flash / Pro) for torchtitan.
 
-    `forward(tokens)` returns logits [B, S, vocab] when `mtp_depth == 0`, else
-    `(logits, mtp_logits)` with one [B, S, vocab] tensor per MTP depth (position i of depth k
-    predicts token i + 1 + k; see mtp.py and the loss in loss.py).
+    `forward(tokens)` returns logits [B, S, vocab] when `mtp_depth == 0`, else the flat tuple
+    `(logits, mtp_logits_1, ..., mtp_logits_D)`, one [B, S, vocab] tensor per MTP depth (position i
+    of depth k predicts token i + 1 + k; see mtp.py and the loss in loss.py). Flat, because a
+    pipeline stage's output may only hold tensors.
+
+    Pipeline stages (titan_v4/infra/pipeline.py) are copies of this model with some top-level
+    modules removed (None, or layers / mtp entries deleted). A stage without `tok_embeddings` takes,
+    and a stage without `output` returns, the stage boundary tensor [B, S, hc + mtp_depth, D]: the
+    hc residual streams followed by the embedded next tokens of each MTP depth, which the first
+    stage computes for the MTP blocks on the last one (see `forward`).
     """
 
     def __init__(self, model_args: DeepSeekV4ModelArgs):
@@ -71,35 +78,51 @@ class DeepSeekV4Model(ModelProtocol):
         attention_masks=None,
         positions: torch.Tensor | None = None,
     ):
-        """tokens [B, S] int ids on the first pipeline stage (hc streams [B, S, hc, D] after it);
-        token_ids [B, S]: the ids, needed by hash-routed layers on later stages (default: tokens)."""
+        """tokens [B, S] int ids on the first pipeline stage (the boundary tensor
+        [B, S, hc + mtp_depth, D] after it); token_ids [B, S]: the ids, needed by hash-routed layers
+        on later stages (default: tokens)."""
         if attention_masks is not None or positions is not None:
             raise NotImplementedError("DeepSeek-V4: attention_masks / positions (packed documents, CP) are not supported yet")
+        depth = self.model_args.mtp_depth
         if self.tok_embeddings is not None:
             token_ids = tokens if token_ids is None else token_ids
             h = self.tok_embeddings(tokens)
             # Under single-device autocast (fp32 parameters) the streams are kept in autocast's dtype,
             # as FSDP's bf16 parameters keep them: the mHC kernels move them at that width.
-            h = h.to(matmul_dtype(h)).unsqueeze(2).expand(-1, -1, self.hc_mult, -1)
+            dtype = matmul_dtype(h)
+            h = h.to(dtype).unsqueeze(2).expand(-1, -1, self.hc_mult, -1)
+            mtp_embeds = self.embed_mtp_tokens(token_ids).to(dtype) if depth else None
+        elif depth:
+            h, mtp_embeds = tokens.split((self.hc_mult, depth), dim=2)
+            h = h.contiguous()  # sliced out of the boundary tensor: one block again
         else:
-            h = tokens
+            h, mtp_embeds = tokens, None
         seq_len = h.shape[1]
         for layer in self.layers.values():
             h = layer(h, *self.rope_for(layer.attn_type, seq_len), token_ids)
-        if self.output is None:  # not the last pipeline stage
-            return h
+        if self.output is None:  # not the last pipeline stage: one tensor crosses the boundary
+            return h if mtp_embeds is None else torch.cat((h, mtp_embeds), dim=2)
         logits = self.output(self.norm(self.hc_head(h)))
         if len(self.mtp) == 0:
             return logits
         cos, sin = self.rope_for(SWA, seq_len)
         mtp_logits = []
         for k, block in enumerate(self.mtp.values()):
-            # Depth k+1 at position i embeds token i+k+1; the wrapped-around last positions have no
-            # target and are ignored by the loss.
-            next_embed = self.tok_embeddings(torch.roll(token_ids, shifts=-(k + 1), dims=1))
-            h = block(h, next_embed, cos, sin)
+            h = block(h, mtp_embeds[:, :, k], cos, sin)
             mtp_logits.append(self.output(block.norm(block.hc_head(h))))
-        return logits, tuple(mtp_logits)
+        return (logits, *mtp_logits)
+
+    def embed_mtp_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] ids -> [B, S, mtp_depth, D]: slot k holds, at position i, the embedding of token
+        i + k + 1, which MTP depth k + 1 takes as its input token.
+
+        Computed where the embedding lives (the first pipeline stage) and carried to the MTP blocks
+        in the stage boundary tensor, so the embedding's MTP gradient flows back through the
+        pipeline into the one embedding parameter. The wrapped-around last positions have no
+        target and are ignored by the loss.
+        """
+        shifted = [torch.roll(token_ids, shifts=-(k + 1), dims=1) for k in range(self.model_args.mtp_depth)]
+        return self.tok_embeddings(torch.stack(shifted, dim=2))
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
