@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..checks import check_device, check_int, check_same, check_tensor
 from . import ops
 from .contract import ScoresInputs, TeacherInputs, TeacherOutputs, TopkInputs, compute_dtype
 
@@ -33,7 +34,7 @@ def indexer_scores(q: Tensor, weights: Tensor, keys: Tensor, indices: Optional[T
     """
     _check_indexer_inputs(q, weights, keys)
     _check_indices(indices, q)
-    _check_int("ratio", ratio)
+    check_int("ratio", ratio)
     return ops.indexer_scores_op(*_contiguous(ScoresInputs(q, weights, keys, indices, ratio)))
 
 
@@ -44,8 +45,8 @@ def indexer_topk(q: Tensor, weights: Tensor, keys: Tensor, *, k: int, ratio: int
     score, -1 in the slots beyond the number of entries visible to the query. No gradient.
     """
     _check_indexer_inputs(q, weights, keys)
-    _check_int("k", k)
-    _check_int("ratio", ratio)
+    check_int("k", k)
+    check_int("ratio", ratio)
     return ops.indexer_topk_op(*_contiguous(TopkInputs(q.detach(), weights.detach(), keys.detach(), k, ratio)))
 
 
@@ -68,31 +69,26 @@ def indexer_teacher(
         not visible; ``log_visible [B, S]``: the log of that mass summed over every visible entry. Both in
         the compute dtype, without gradient (a target).
     """
-    _check_tensor("q", q)
-    if q.dim() != 4 or min(q.shape) < 1:
-        raise ValueError(f"q must be [B, S, H, D] with every size >= 1, got shape {tuple(q.shape)}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"q must be bfloat16, float32 or float64, got {q.dtype}")
-    batch, seq_len, heads, dim = q.shape
-    _check_tensor("pool", pool)
+    batch, seq_len, heads, dim = _check_queries(q)
+    check_tensor("pool", pool)
     if pool.dim() != 3 or pool.shape[0] != batch or pool.shape[2] != dim:
         raise ValueError(f"pool must be [B, P, D] with B={batch}, D={dim}, got shape {tuple(pool.shape)}")
-    _check_same("pool", pool, q.dtype, q.device)
-    _check_tensor("lse", lse)
+    check_same("pool", pool, q.dtype, q.device)
+    check_tensor("lse", lse)
     if tuple(lse.shape) != (batch, seq_len, heads):
         raise ValueError(f"lse must be [B, S, H] = {(batch, seq_len, heads)}, got shape {tuple(lse.shape)}")
-    _check_same("lse", lse, compute_dtype(q.dtype), q.device)
-    _check_tensor("sink", sink)
+    _check_compute_dtype("lse", lse, q)
+    check_tensor("sink", sink)
     if tuple(sink.shape) != (heads,):
         raise ValueError(f"sink must be [H] = {(heads,)}, got shape {tuple(sink.shape)}")
     sink_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
     if sink.dtype not in sink_dtypes:
         raise TypeError(f"sink must be float32 (or float64 when q is float64), got {sink.dtype} with q {q.dtype}")
-    _check_device("sink", sink, q.device)
+    check_device("sink", sink, q.device)
     _check_indices(indices, q)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python float, got {scale!r}")
-    _check_int("ratio", ratio)
+    check_int("ratio", ratio)
     inputs = TeacherInputs(q.detach(), pool.detach(), lse.detach(), sink.detach(), indices, float(scale), ratio)
     return TeacherOutputs(*ops.indexer_teacher_op(*_contiguous(inputs)))
 
@@ -101,52 +97,41 @@ def _contiguous(inputs):
     return type(inputs)(*(value.contiguous() if isinstance(value, Tensor) else value for value in inputs))
 
 
-def _check_indexer_inputs(q: Tensor, weights: Tensor, keys: Tensor) -> None:
-    _check_tensor("q", q)
+def _check_queries(q: Tensor) -> tuple[int, int, int, int]:
+    check_tensor("q", q)
     if q.dim() != 4 or min(q.shape) < 1:
         raise ValueError(f"q must be [B, S, H, D] with every size >= 1, got shape {tuple(q.shape)}")
     if q.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"q must be bfloat16, float32 or float64, got {q.dtype}")
-    batch, seq_len, heads, dim = q.shape
-    _check_tensor("weights", weights)
+    return tuple(q.shape)
+
+
+def _check_compute_dtype(name: str, value: Tensor, q: Tensor) -> None:
+    dtype = compute_dtype(q.dtype)
+    if value.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype} (the compute dtype of q's {q.dtype}), got {value.dtype}")
+    check_device(name, value, q.device)
+
+
+def _check_indexer_inputs(q: Tensor, weights: Tensor, keys: Tensor) -> None:
+    batch, seq_len, heads, dim = _check_queries(q)
+    check_tensor("weights", weights)
     if tuple(weights.shape) != (batch, seq_len, heads):
         raise ValueError(f"weights must be [B, S, H] = {(batch, seq_len, heads)}, got shape {tuple(weights.shape)}")
-    _check_same("weights", weights, compute_dtype(q.dtype), q.device)
-    _check_tensor("keys", keys)
+    _check_compute_dtype("weights", weights, q)
+    check_tensor("keys", keys)
     if keys.dim() != 3 or keys.shape[0] != batch or keys.shape[2] != dim:
         raise ValueError(f"keys must be [B, P, D] with B={batch}, D={dim}, got shape {tuple(keys.shape)}")
-    _check_same("keys", keys, q.dtype, q.device)
+    check_same("keys", keys, q.dtype, q.device)
 
 
 def _check_indices(indices: Optional[Tensor], q: Tensor) -> None:
     if indices is None:
         return
-    _check_tensor("indices", indices)
+    check_tensor("indices", indices)
     if indices.dim() != 3 or tuple(indices.shape[:2]) != tuple(q.shape[:2]):
         raise ValueError(f"indices must be [B, S, K] with B, S = {tuple(q.shape[:2])}, got shape {tuple(indices.shape)}")
     if indices.dtype != torch.int32:
         raise TypeError(f"indices must be int32, got {indices.dtype}")
-    _check_device("indices", indices, q.device)
+    check_device("indices", indices, q.device)
 
-
-def _check_tensor(name: str, value) -> None:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-
-
-def _check_device(name: str, value: Tensor, device: torch.device) -> None:
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but q is on {device}; all tensors must share q's device")
-
-
-def _check_same(name: str, value: Tensor, dtype: torch.dtype, device: torch.device) -> None:
-    if value.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype} (set by q's dtype), got {value.dtype}")
-    _check_device(name, value, device)
-
-
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a Python int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")

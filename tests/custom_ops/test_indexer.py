@@ -12,6 +12,7 @@ import torch
 import custom_ops
 from custom_ops.indexer import reference
 from custom_ops.indexer.contract import ScoresInputs, TeacherInputs, TopkInputs
+from tests.custom_ops.test_sparse_attention import make_topk
 from tests.helpers.graph_capture import GraphCapture, count_calls
 from tests.helpers.tolerances import assert_close
 
@@ -100,15 +101,9 @@ CASES = [
 
 
 def make_indices(case: Case, gen: torch.Generator) -> Optional[torch.Tensor]:
-    """Distinct candidates from [0, P + 2) per query (some >= P, many in the future), ~25% set to -1."""
-    if case.K is None:
-        return None
-    rows = torch.full((case.B, case.S, case.K), -1, dtype=torch.int32)
-    for b in range(case.B):
-        for t in range(case.S):
-            cand = torch.randperm(case.P + 2, generator=gen)[: case.K]
-            rows[b, t, : cand.numel()] = cand.to(torch.int32)
-    return rows.masked_fill(torch.rand(rows.shape, generator=gen) < 0.25, -1)
+    """Distinct candidates per query, some >= P and many in the future, ~25% set to -1 (the
+    sparse-attention tests' generator)."""
+    return None if case.K is None else make_topk(case.B, case.S, case.K, case.P, gen)
 
 
 def make_scores_inputs(case: Case, dtype: torch.dtype) -> ScoresInputs:
@@ -387,9 +382,9 @@ BAD_SCORES = [
     pytest.param(dict(q=torch.zeros(2, 8, 4)), ValueError, "q must be", id="q-3d"),
     pytest.param(dict(q=torch.zeros(2, 8, 2, 4, dtype=torch.float16)), TypeError, "q must be", id="q-fp16"),
     pytest.param(dict(weights=torch.zeros(2, 8, 3)), ValueError, "weights must be", id="weights-shape"),
-    pytest.param(dict(weights=torch.zeros(2, 8, 2, dtype=torch.bfloat16)), TypeError, "weights must be torch.float32", id="weights-dtype"),
+    pytest.param(dict(weights=torch.zeros(2, 8, 2, dtype=torch.bfloat16)), TypeError, "weights must be torch.float32 \\(the compute dtype", id="weights-dtype"),
     pytest.param(dict(keys=torch.zeros(2, 2, 5)), ValueError, "keys must be", id="keys-shape"),
-    pytest.param(dict(keys=torch.zeros(2, 2, 4, dtype=torch.float64)), TypeError, "keys must be torch.float32", id="keys-dtype"),
+    pytest.param(dict(keys=torch.zeros(2, 2, 4, dtype=torch.float64)), TypeError, "keys must have q's dtype torch.float32", id="keys-dtype"),
     pytest.param(dict(indices=torch.zeros(2, 8, 2, dtype=torch.int64)), TypeError, "indices must be int32", id="indices-int64"),
     pytest.param(dict(indices=torch.zeros(2, 7, 2, dtype=torch.int32)), ValueError, "indices must be", id="indices-shape"),
     pytest.param(dict(ratio=0), ValueError, "ratio must be >= 1, got 0", id="ratio-0"),
@@ -414,7 +409,7 @@ def test_topk_validation():
 BAD_TEACHER = [
     pytest.param(dict(pool=torch.zeros(2, 2, 5)), ValueError, "pool must be", id="pool-shape"),
     pytest.param(dict(lse=torch.zeros(2, 8, 3)), ValueError, "lse must be", id="lse-shape"),
-    pytest.param(dict(lse=torch.zeros(2, 8, 2, dtype=torch.bfloat16)), TypeError, "lse must be torch.float32", id="lse-dtype"),
+    pytest.param(dict(lse=torch.zeros(2, 8, 2, dtype=torch.bfloat16)), TypeError, "lse must be torch.float32 \\(the compute dtype", id="lse-dtype"),
     pytest.param(dict(sink=torch.zeros(3)), ValueError, "sink must be", id="sink-shape"),
     pytest.param(dict(sink=torch.zeros(2, dtype=torch.float64)), TypeError, "sink must be float32", id="sink-dtype"),
     pytest.param(dict(scale=float("inf")), TypeError, "scale must be", id="scale-inf"),

@@ -13,8 +13,7 @@ import triton
 import triton.language as tl
 
 from ..contract import ScoresGrads, ScoresInputs, n_listed
-from .launch import block, dot_precision
-from .scores_fwd import _check
+from .common import _entry_block, block, check_scores_inputs, dot_precision
 
 
 @triton.jit
@@ -50,15 +49,8 @@ def _indexer_scores_bwd_kernel(
     dw = tl.zeros([BLOCK_H], dtype=tl.float32)
     n_end = N_LISTED if LISTED else n_vis
     for n0 in range(0, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if LISTED:
-            # [BLOCK_N]
-            idx = tl.load(idx_ptr + b * stride_ib + t * stride_is + offs_n, mask=offs_n < N_LISTED, other=-1)
-            valid = (idx >= 0) & (idx < n_vis)
-            entry = tl.where(valid, idx, 0)
-        else:
-            valid = offs_n < n_vis
-            entry = offs_n
+        # [BLOCK_N] each
+        offs_n, entry, valid = _entry_block(idx_ptr + b * stride_ib + t * stride_is, n0, n_vis, N_LISTED, LISTED, BLOCK_N)
         # [BLOCK_N]: the gradient of entries that are not visible is ignored
         g = tl.load(grad_ptr + b * stride_gb + t * stride_gs + offs_n, mask=valid, other=0.0)
         nd_mask = valid[:, None] & (offs_d[None, :] < D)
@@ -81,7 +73,7 @@ def _indexer_scores_bwd_kernel(
 def indexer_scores_bwd(inputs: ScoresInputs, grad: torch.Tensor) -> ScoresGrads:
     """Gradients of ``sum(grad * scores)`` on validated contiguous inputs; grad ``[B, S, K or P]`` fp32."""
     q, weights, keys, indices, ratio = inputs
-    _check(q, weights, keys)
+    check_scores_inputs(q, weights, keys)
     batch, seq_len, heads, dim = q.shape
     n_entries = keys.shape[1]
     grad = grad.to(torch.float32).contiguous()

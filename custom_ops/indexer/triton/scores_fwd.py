@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import ScoresInputs, TopkInputs, compute_dtype, n_listed
+from ..contract import ScoresInputs, TopkInputs, n_listed
 from ..reference import query_chunk, select_topk
-from .launch import block, check_dtype, dot_precision
+from .common import _entry_block, block, check_scores_inputs, dot_precision
 
 
 @triton.jit
@@ -48,15 +48,8 @@ def _indexer_scores_fwd_kernel(
     w = tl.load(w_ptr + b * stride_wb + t * stride_ws + offs_h, mask=offs_h < H, other=0.0)
     n_end = N_LISTED if LISTED else n_vis
     for n0 in range(0, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if LISTED:
-            # [BLOCK_N]
-            idx = tl.load(idx_ptr + b * stride_ib + t * stride_is + offs_n, mask=offs_n < N_LISTED, other=-1)
-            valid = (idx >= 0) & (idx < n_vis)
-            entry = tl.where(valid, idx, 0)
-        else:
-            valid = offs_n < n_vis
-            entry = offs_n
+        # [BLOCK_N] each
+        offs_n, entry, valid = _entry_block(idx_ptr + b * stride_ib + t * stride_is, n0, n_vis, N_LISTED, LISTED, BLOCK_N)
         # [BLOCK_N, BLOCK_D]
         k = tl.load(
             keys_ptr + b * stride_kb + entry[:, None] * stride_kp + offs_d[None, :],
@@ -91,16 +84,10 @@ def _launch_scores(q, weights, keys, indices, ratio: int, t0: int, out: torch.Te
     )  # fmt: skip
 
 
-def _check(q, weights, keys) -> None:
-    check_dtype("q", q, (torch.bfloat16, torch.float32))
-    check_dtype("keys", keys, (q.dtype,))
-    check_dtype("weights", weights, (compute_dtype(q.dtype),))
-
-
 def indexer_scores_fwd(inputs: ScoresInputs) -> torch.Tensor:
     """``v4::indexer_scores`` on validated contiguous inputs: ``[B, S, K or P]`` fp32."""
     q, weights, keys, indices, ratio = inputs
-    _check(q, weights, keys)
+    check_scores_inputs(q, weights, keys)
     batch, seq_len = q.shape[:2]
     n = n_listed(indices, keys.shape[1])
     out = torch.full((batch, seq_len, n), float("-inf"), dtype=torch.float32, device=q.device)
@@ -116,7 +103,7 @@ def indexer_topk(inputs: TopkInputs) -> torch.Tensor:
     buffer stays under 256 MiB), then keeps the k best of each row.
     """
     q, weights, keys, k, ratio = inputs
-    _check(q, weights, keys)
+    check_scores_inputs(q, weights, keys)
     batch, seq_len = q.shape[:2]
     n_entries = keys.shape[1]
     if n_entries == 0:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..contract import TeacherInputs, TeacherOutputs, n_listed
-from .launch import block, check_dtype, dot_precision
+from .common import _entry_block, block, check_dtype, dot_precision
 
 
 @triton.jit
@@ -78,10 +78,10 @@ def _indexer_teacher_fwd_kernel(
     run_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     for n0 in range(0, n_vis, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < n_vis
+        # [BLOCK_N] each
+        offs_n, entry, valid = _entry_block(idx_ptr, n0, n_vis, N_LISTED, False, BLOCK_N)
         mass = _head_summed_log_mass(
-            q_row_ptr, pool_b_ptr, offs_n, valid, denom, scale, stride_qh, stride_pp,
+            q_row_ptr, pool_b_ptr, entry, valid, denom, scale, stride_qh, stride_pp,
             H, D, BLOCK_H, BLOCK_D, BLOCK_N, PRECISION,
         )  # fmt: skip
         if not LISTED:
@@ -97,12 +97,10 @@ def _indexer_teacher_fwd_kernel(
 
     if LISTED:
         for n0 in range(0, N_LISTED, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            # [BLOCK_N]
-            idx = tl.load(idx_ptr + b * stride_ib + t * stride_is + offs_n, mask=offs_n < N_LISTED, other=-1)
-            valid = (idx >= 0) & (idx < n_vis)
+            # [BLOCK_N] each
+            offs_n, entry, valid = _entry_block(idx_ptr + b * stride_ib + t * stride_is, n0, n_vis, N_LISTED, True, BLOCK_N)
             mass = _head_summed_log_mass(
-                q_row_ptr, pool_b_ptr, tl.where(valid, idx, 0), valid, denom, scale, stride_qh, stride_pp,
+                q_row_ptr, pool_b_ptr, entry, valid, denom, scale, stride_qh, stride_pp,
                 H, D, BLOCK_H, BLOCK_D, BLOCK_N, PRECISION,
             )  # fmt: skip
             tl.store(mass_row_ptr + offs_n, mass, mask=offs_n < N_LISTED)
