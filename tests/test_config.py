@@ -12,6 +12,14 @@ def test_v4_section_is_merged_with_defaults_and_cli_overrides():
     assert (cfg.v4.dataset, cfg.v4.seq_balance_loss_weight) == ("synthetic", 1e-4)
 
 
+def test_indexer_phase_reaches_the_model_args():
+    from titan_v4.flavors import deepseek_v4_args
+
+    args = deepseek_v4_args["debugmodel"].replace()  # a copy: update_from_config mutates
+    args.update_from_config(job_config("--v4.indexer_phase", "warmup", "--v4.indexer_loss_weight", "0.5"))
+    assert (args.indexer_phase, args.indexer_loss_weight) == ("warmup", 0.5)
+
+
 def test_v4_section_from_toml(tmp_path):
     toml = tmp_path / "x.toml"
     toml.write_text('[job]\ncustom_config_module = "titan_v4.config"\n[v4]\ndataset = "hub"\ndataset_path = "allenai/c4"\n')
@@ -26,6 +34,12 @@ def test_v4_section_from_toml(tmp_path):
         pytest.param(dict(mtp_loss_weight=-0.5), "v4.mtp_loss_weight=-0.5 is invalid", id="mtp-weight"),
         pytest.param(dict(seq_balance_loss_weight=-1.0), "v4.seq_balance_loss_weight=-1.0 is invalid", id="balance-weight"),
         pytest.param(dict(dataset="local"), "v4.dataset_path='' is invalid with v4.dataset='local'", id="no-path"),
+        pytest.param(
+            dict(indexer_phase="sparse_attention"),
+            "v4.indexer_phase='sparse_attention' is invalid: allowed values are 'frozen', 'dense', 'warmup', 'sparse'",
+            id="indexer-phase",
+        ),
+        pytest.param(dict(indexer_loss_weight=-1.0), "v4.indexer_loss_weight=-1.0 is invalid", id="indexer-weight"),
         pytest.param(dict(dataset="hub", dataset_path="x", text_column=""), "v4.text_column='' is invalid", id="no-column"),
     ],
 )

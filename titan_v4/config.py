@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 #: Accepted values of ``v4.dataset``.
 DATASETS = ("synthetic", "local", "hub")
 
+#: Accepted values of ``v4.indexer_phase`` (docs/deepseek_v4.md, "How the lightning indexer is trained").
+FROZEN, DENSE, WARMUP, SPARSE = "frozen", "dense", "warmup", "sparse"
+INDEXER_PHASES = (FROZEN, DENSE, WARMUP, SPARSE)
+
 
 class V4ConfigError(ValueError):
     """A bad ``[v4]`` setting; the message names the field, the value and what is allowed."""
@@ -31,6 +35,19 @@ class V4:
 
     seq_balance_loss_weight: float = 1e-4
     """Weight of the sequence-wise expert balance loss (>= 0)."""
+
+    indexer_phase: str = "frozen"
+    """How CSA layers attend and whether the lightning indexer trains (docs/deepseek_v4.md):
+    "frozen" = top-k attention, the indexer gets no gradient (it stays as loaded or initialised);
+    "dense" = every visible compressed entry attended, the indexer trained by its KL loss on the
+    dense target, everything else by the LM loss; "warmup" = dense attention, only the indexer
+    trains (every other parameter gets no gradient, the expert biases do not move); "sparse" = top-k
+    attention, everything trains, the indexer's KL over its selected entries. The paper's schedule is
+    dense, then a short warmup, then sparse (see train_configs/flash.toml)."""
+
+    indexer_loss_weight: float = 1.0
+    """Weight of the indexer's KL loss (>= 0). The indexer's graph is separate from the model's, so the
+    weight scales only the indexer's gradient."""
 
     dataset: str = "synthetic"
     """Training data: "synthetic" = the small templated corpus shipped in titan_v4/data/assets
@@ -60,13 +77,18 @@ class V4:
 
     def __post_init__(self) -> None:
         # Runs for the TOML values and again for the final CLI-merged values.
-        for name in ("mtp_loss_weight", "seq_balance_loss_weight"):
+        for name in ("mtp_loss_weight", "seq_balance_loss_weight", "indexer_loss_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise V4ConfigError(f"v4.{name}={value!r} is invalid: allowed values are numbers >= 0")
         value = self.max_nonfinite_steps
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise V4ConfigError(f"v4.max_nonfinite_steps={value!r} is invalid: allowed values are integers >= 0")
+        if self.indexer_phase not in INDEXER_PHASES:
+            raise V4ConfigError(
+                f"v4.indexer_phase={self.indexer_phase!r} is invalid: allowed values are "
+                f"{', '.join(map(repr, INDEXER_PHASES))}"
+            )
         if self.dataset not in DATASETS:
             raise V4ConfigError(
                 f"v4.dataset={self.dataset!r} is invalid: allowed values are {', '.join(map(repr, DATASETS))}"

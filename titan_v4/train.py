@@ -16,10 +16,14 @@ What ``V4Trainer`` adds to torchtitan 0.2.2's ``Trainer``:
   PP gradients are ~#tokens times too large (measured 500-1000x). When the loss function has a
   settable ``denom`` (titan_v4's loss does), it is set to the global valid-token count for the
   step so the schedule backpropagates normalised losses; any other loss function runs unchanged.
-* ``forward_backward_step`` also sets the gradient scale of the MoE sequence-wise balance loss
-  (which each MoE layer attaches to its own output's gradient) to this microbatch's share of the
-  step's valid tokens, so it averages over gradient-accumulation microbatches, pipeline
+* ``forward_backward_step`` also sets the gradient scale of the auxiliary losses (the MoE
+  sequence-wise balance loss and the indexer's KL, which each layer attaches to its own output's
+  gradient) to this microbatch's share of the step's valid tokens, so it averages over gradient-accumulation microbatches, pipeline
   microbatches and data-parallel ranks exactly like the token-normalised LM loss.
+* In the indexer's warmup phase ``forward_backward_step`` drops every non-indexer gradient after the
+  backward (titan_v4/infra/indexer_phase.py), so only the indexer trains.
+* After torchtitan's step line, a line with each loss term (titan_v4/loss_terms.py): LM, MTP,
+  balance and indexer losses and the indexer's recall.
 * A check that the tokenizer's ids fit the model's vocabulary (on CUDA an out-of-range id is a
   device-side assert far from its cause).
 * Progress logging: a summary line at start, the step a run resumes from (and a clear line when
@@ -53,8 +57,10 @@ from torchtitan.train import Trainer, main  # noqa: E402
 from titan_v4.checks import check_job_config  # noqa: E402
 from titan_v4.config import v4_settings  # noqa: E402
 from titan_v4.infra import resume, run_log  # noqa: E402
+from titan_v4.infra.indexer_phase import backbone_frozen, drop_backbone_grads  # noqa: E402
 from titan_v4.infra.nonfinite import NonFiniteGuard, ObserveLoss  # noqa: E402
-from titan_v4.model.moe import set_aux_loss_scale  # noqa: E402
+from titan_v4.loss_terms import format_loss_terms, read_loss_terms  # noqa: E402
+from titan_v4.model.aux_loss import set_aux_loss_scale  # noqa: E402
 
 if not torch.cuda.is_available():
     run_log.quiet_cpu_noise()
@@ -100,9 +106,17 @@ class V4Trainer(ObserveLoss, Trainer):
         return inputs, labels, extra_inputs, extra_kwargs
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
+        loss = self._scaled_forward_backward_step(
+            input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+        )
+        if backbone_frozen(self.model_parts):
+            drop_backbone_grads(self.model_parts)  # indexer warmup: only the indexer's KL trains
+        return loss
+
+    def _scaled_forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
         share = (labels != IGNORE_INDEX).sum() / global_valid_tokens
         if self.parallel_dims.pp_enabled:
-            share = share / self.pp_schedule._n_microbatches  # one balance loss per PP microbatch
+            share = share / self.pp_schedule._n_microbatches  # one auxiliary loss per PP microbatch
         set_aux_loss_scale(self.model_parts, share)
         if not self.parallel_dims.pp_enabled or not hasattr(self.loss_fn, "denom"):
             return super().forward_backward_step(
@@ -120,6 +134,14 @@ class V4Trainer(ObserveLoss, Trainer):
         # The base class divides the summed microbatch losses by global_valid_tokens again for
         # reporting; undo that on the last stage (other stages report the placeholder -1).
         return loss * global_valid_tokens if self.pp_has_last_stage else loss
+
+    def train_step(self, data_iterator):
+        super().train_step(data_iterator)
+        if self.metrics_processor.should_log(self.step):
+            terms = read_loss_terms(self.model_parts, self.loss_fn, self.device)
+            if terms:
+                logger.info(format_loss_terms(self.step, terms))
+                self.metrics_processor.logger.log({f"loss_terms/{k}": v for k, v in terms.items()}, self.step)
 
     def load_state_dict(self, state_dict) -> None:
         # Called by the checkpointer with the saved train state when a run resumes.

@@ -6,6 +6,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..checks import check_device as _check_device
+from ..checks import check_int as _check_int
+from ..checks import check_same as _check_same
+from ..checks import check_tensor as _check_tensor
 from . import ops
 from .contract import Inputs
 
@@ -123,25 +127,3 @@ def sparse_attention(
     contiguous = (value.contiguous() if isinstance(value, Tensor) else value for value in inputs)
     return ops.sparse_attention_op(*contiguous)
 
-
-def _check_tensor(name: str, value) -> None:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-
-
-def _check_device(name: str, value: Tensor, device: torch.device) -> None:
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but q is on {device}; all tensors must share q's device")
-
-
-def _check_same(name: str, value: Tensor, dtype: torch.dtype, device: torch.device) -> None:
-    if value.dtype != dtype:
-        raise TypeError(f"{name} must have q's dtype {dtype}, got {value.dtype}")
-    _check_device(name, value, device)
-
-
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a Python int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")

@@ -43,8 +43,8 @@ def reference_attention(attn: Attention, x, cos, sin):
         t = torch.arange(s)
         causal = torch.arange(pool.shape[1]).view(1, -1) < ((t + 1) // attn.ratio).view(-1, 1)
         pool_ok = causal.expand(b, s, -1).clone()
-        if attn.indexer is not None:
-            picks = attn.indexer(x, q_latent, cos, sin).long()
+        if attn.indexer is not None and not attn.dense_csa:
+            picks = attn.indexer.select(attn.indexer(x, q_latent, cos, sin)).long()
             chosen = torch.zeros_like(pool_ok)
             for bi in range(b):
                 for ti in range(s):

@@ -27,8 +27,11 @@ def make_block(kind: str) -> torch.nn.Module:
     if kind == "mtp":
         block = MTPBlock(3, ARGS)
     else:
+        # csa-sparse / csa-dense: a CSA block that trains its indexer (the KL attached in the block).
+        kind, _, phase = kind.partition("-") if kind.startswith("csa-") else (kind, "", "frozen")
+        args = ARGS.replace(indexer_phase=phase)
         layer = {"swa-hash": 0, "csa": 1, "hca": 2}[kind]
-        block = TransformerBlock(layer, ARGS, ARGS.attn_types[layer], ARGS.is_hash_layer(layer))
+        block = TransformerBlock(layer, args, args.attn_types[layer], args.is_hash_layer(layer))
     with torch.no_grad():  # init, then non-trivial mHC / sink / bias values
         block.init_weights()
         for name, p in block.named_parameters():
@@ -46,12 +49,12 @@ def run(fn, block, inputs):
     return out.detach(), {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["swa-hash", "csa", "hca", "mtp"])
+@pytest.mark.parametrize("kind", ["swa-hash", "csa", "csa-sparse", "csa-dense", "hca", "mtp"])
 def test_block_compiles_fullgraph_and_matches_eager(kind):
     block = make_block(kind)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, SEQ, ARGS.hc_mult, ARGS.dim, generator=g)
-    rope = rope_table(ARGS, ARGS.rope_theta if kind in ("swa-hash", "mtp") else ARGS.compress_rope_theta, yarn=kind in ("csa", "hca"))
+    rope = rope_table(ARGS, ARGS.rope_theta if kind in ("swa-hash", "mtp") else ARGS.compress_rope_theta, yarn=kind not in ("swa-hash", "mtp"))
     cos, sin = rope[:, :SEQ]
     if kind == "mtp":
         inputs = (x, torch.randn(2, SEQ, ARGS.dim, generator=g), cos, sin)

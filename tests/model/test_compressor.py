@@ -81,7 +81,7 @@ def test_indexer_picks_top_visible_entries_with_sentinel():
     x = torch.randn(2, s, a.dim, dtype=torch.float64)
     q_latent = torch.randn(2, s, a.q_lora_rank, dtype=torch.float64)
     cos, sin = rope_table(a, a.compress_rope_theta, yarn=True)[:, :s].double()
-    picks = idx(x, q_latent, cos, sin)
+    picks = idx.select(idx(x, q_latent, cos, sin))
     assert picks.dtype == torch.int32 and picks.shape == (2, s, 3)
 
     # Independent scores: sum_h w_h relu(q_h . k_s) / sqrt(dI), w = weights_proj(x) / sqrt(nI).

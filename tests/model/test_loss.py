@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titan_v4.model.loss import V4Loss, mtp_cross_entropy
+from titan_v4.model.loss import IGNORE_INDEX, V4Loss, mtp_cross_entropy
 
 VOCAB = 11
 
@@ -42,3 +42,21 @@ def test_v4_loss_is_lm_plus_weighted_mean_of_mtp_depths_as_a_sum():
 def test_negative_mtp_weight_is_refused_by_name():
     with pytest.raises(ValueError, match=r"v4.mtp_loss_weight=-0.1 is invalid: must be >= 0"):
         V4Loss(-0.1)
+
+
+def test_v4_loss_records_each_term_per_token():
+    """read_values: the detached sums of the LM and MTP cross-entropies and their token counts, reset
+    after each read (titan_v4/loss_terms.py logs sum / count)."""
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, VOCAB, (2, 8), generator=g)
+    labels[0, 0] = IGNORE_INDEX
+    logits, mtp1 = torch.randn(2, 2, 8, VOCAB, generator=g)
+    loss = V4Loss(0.3)
+    loss((logits, (mtp1,)), labels)
+    loss((logits, (mtp1,)), labels)
+    values = loss.read_values()
+    lm = per_position_ce(logits, {(b, i): labels[b, i].item() for b in range(2) for i in range(8) if (b, i) != (0, 0)})
+    d1 = per_position_ce(mtp1, {(b, i): labels[b, i + 1].item() for b in range(2) for i in range(7)})
+    assert values["lm_loss"][0].item() == pytest.approx(2 * lm.item(), rel=1e-5) and values["lm_loss"][1].item() == 30
+    assert values["mtp_loss"][0].item() == pytest.approx(2 * d1.item(), rel=1e-5) and values["mtp_loss"][1].item() == 28
+    assert loss.read_values() == {}

@@ -44,7 +44,7 @@ def test_module_output_dtypes(dtype):
     comp = Compressor(a.dim, 8, 4, True, a.norm_eps).to(dtype)
     assert comp(x, cos, sin).dtype == dtype
     idx = Indexer(a).to(dtype)
-    assert idx(x, torch.randn(2, s, a.q_lora_rank).to(dtype), cos, sin).dtype == torch.int32
+    assert idx.select(idx(x, torch.randn(2, s, a.q_lora_rank).to(dtype), cos, sin)).dtype == torch.int32
     streams = torch.randn(2, s, a.hc_mult, a.dim).to(dtype)
     hc = HyperConnection(a).to(dtype)
     randomize_(hc)

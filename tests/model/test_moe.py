@@ -117,7 +117,7 @@ def test_sequence_balance_loss_formula_and_gradient():
     assert sequence_balance_loss(scores, selected, E).item() == pytest.approx(expected.item(), rel=1e-6)
 
     # The loss reaches the router through the output's backward, weighted and scaled.
-    moe.aux_loss_scale.fill_(0.25)
+    moe.balance_loss.grad_scale.fill_(0.25)
     moe(x).sum().backward()
     with_aux = moe.router.gate.weight.grad.clone()
     moe.zero_grad()

@@ -14,7 +14,7 @@ from torch import nn
 from torchtitan.config import JobConfig
 from torchtitan.protocols.model import BaseModelArgs
 
-from titan_v4.config import v4_settings
+from titan_v4.config import INDEXER_PHASES, v4_settings
 
 from .attn_kinds import ATTN_TYPES, CSA, HCA, SWA
 from .flops import count_params_and_flops
@@ -85,6 +85,10 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
     load_balance_coeff: float = 1e-3
     # Sequence-wise balance loss weight (a run setting; overwritten from `[v4]` in the TOML).
     seq_balance_loss_weight: float = 1e-4
+    # Lightning-indexer training (run settings from `[v4]`; titan_v4/config.py explains the phases).
+    # "frozen" is the released model's inference behaviour: top-k attention, no indexer loss.
+    indexer_phase: str = "frozen"
+    indexer_loss_weight: float = 1.0
 
     # Manifold-constrained hyper-connections.
     hc_mult: int = 4
@@ -145,6 +149,10 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
             _fail("load_balance_coeff", self.load_balance_coeff, "must be > 0 (torchtitan's bias update needs it)")
         if not self.seq_balance_loss_weight >= 0:
             _fail("seq_balance_loss_weight", self.seq_balance_loss_weight, "must be >= 0")
+        if self.indexer_phase not in INDEXER_PHASES:
+            _fail("indexer_phase", self.indexer_phase, f"allowed: {INDEXER_PHASES}")
+        if not self.indexer_loss_weight >= 0:
+            _fail("indexer_loss_weight", self.indexer_loss_weight, "must be >= 0")
 
     # ------------------------------------------------------------------ torchtitan protocol
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
@@ -153,7 +161,10 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
         if seq_len < 1:
             raise ModelArgsError(f"training.seq_len={seq_len} is invalid: must be >= 1")
         self.max_seq_len = seq_len
-        self.seq_balance_loss_weight = float(v4_settings(job_config).seq_balance_loss_weight)
+        v4 = v4_settings(job_config)
+        self.seq_balance_loss_weight = float(v4.seq_balance_loss_weight)
+        self.indexer_phase = v4.indexer_phase
+        self.indexer_loss_weight = float(v4.indexer_loss_weight)
         self.validate()
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:

@@ -2,7 +2,9 @@
 
 The attention itself runs through the `custom_ops.sparse_attention` op; this module prepares its
 inputs (low-rank query, the single latent KV head, RoPE, compressed entries, indexer picks) and
-applies the grouped low-rank output projection.
+applies the grouped low-rank output projection. In CSA layers it also trains the lightning indexer
+according to the phase (titan_v4/config.py, docs/deepseek_v4.md): the KL loss between the attention's
+probability mass and the indexer's scores is attached to the layer's output gradient (aux_loss.py).
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ from torch import nn
 import custom_ops
 from torchtitan.models.utils import trunc_normal_
 
+from titan_v4.config import DENSE, FROZEN, WARMUP
+
 from .args import DeepSeekV4ModelArgs
 from .attn_kinds import CSA, SWA
+from .aux_loss import AuxLoss
 from .compressor import Compressor, Indexer
+from .indexer_loss import indexer_kl
 from .precision import compute_dtype, rms_normalize
 from .rope import apply_rope
 
@@ -51,6 +57,11 @@ class Attention(nn.Module):
             else None
         )
         self.indexer = Indexer(args) if attn_type == CSA else None
+        self.indexer_phase = args.indexer_phase
+        self.indexer_loss_weight = args.indexer_loss_weight
+        # CSA attends every visible entry in the dense phases, the indexer's top-k otherwise.
+        self.dense_csa = args.indexer_phase in (DENSE, WARMUP)
+        self.indexer_loss = AuxLoss("indexer_loss", "indexer_recall") if self.indexer is not None else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, S, dim] (normed), cos/sin [S, R/2] of this layer's RoPE -> [B, S, dim]."""
@@ -61,20 +72,35 @@ class Attention(nn.Module):
         # Under autocast the norms may return fp32 while q is bf16: the op takes one dtype.
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin).to(q.dtype)
 
-        pool = topk = None
+        pool = topk = indexer_queries = None
         if self.compressor is not None and s >= self.ratio:
             pool = self.compressor(x, cos, sin).to(q.dtype)
             if self.indexer is not None:
-                topk = self.indexer(x, q_latent, cos, sin)
-        out, _ = custom_ops.sparse_attention(
-            q, kv, self.attn_sink.to(compute_dtype(q.dtype)), pool, topk,
-            window=self.window_size, scale=self.head_dim**-0.5, ratio=max(self.ratio, 1),
-        )  # fmt: skip
+                indexer_queries = self.indexer(x, q_latent, cos, sin)
+                topk = None if self.dense_csa else self.indexer.select(indexer_queries)
+        sink = self.attn_sink.to(compute_dtype(q.dtype))
+        scale = self.head_dim**-0.5
+        out, lse = custom_ops.sparse_attention(
+            q, kv, sink, pool, topk, window=self.window_size, scale=scale, ratio=max(self.ratio, 1)
+        )
         # K = V carries RoPE into the output: rotate it back to the query's frame.
         out = apply_rope(out, cos, -sin).view(b, s, self.o_groups, -1)
         wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
-        out = torch.einsum("bsgi,goi->bsgo", out, wo_a)
-        return self.wo_b(out.flatten(2))
+        out = self.wo_b(torch.einsum("bsgi,goi->bsgo", out, wo_a).flatten(2))
+        if indexer_queries is not None and self.indexer_phase != FROZEN and torch.is_grad_enabled():
+            out = self._attach_indexer_loss(out, indexer_queries, q, pool, lse, sink, topk, scale)
+        return out
+
+    def _attach_indexer_loss(self, out, queries, q, pool, lse, sink, topk, scale: float) -> torch.Tensor:
+        """The indexer's KL to this layer's attention (over the top-k, or every visible entry in the
+        dense phases), attached to ``out``'s gradient; the teacher is a target (no gradient)."""
+        student = custom_ops.indexer_scores(*queries, topk, ratio=self.ratio)
+        with torch.no_grad():
+            log_mass, log_visible = custom_ops.indexer_teacher(q, pool, lse, sink, topk, scale=scale, ratio=self.ratio)
+        loss, recall = indexer_kl(
+            student, log_mass, log_visible, topk=self.indexer.topk, listed_are_topk=topk is not None
+        )
+        return self.indexer_loss(out, loss, self.indexer_loss_weight, recall)
 
     def init_weights(self, init_std: float) -> None:
         for linear in (self.wq_a, self.wq_b, self.wkv, self.wo_a):
@@ -87,3 +113,4 @@ class Attention(nn.Module):
             self.compressor.init_weights(0.02)
         if self.indexer is not None:
             self.indexer.init_weights(0.02)
+            self.indexer_loss.reset(self.attn_sink.device)

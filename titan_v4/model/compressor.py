@@ -2,24 +2,25 @@
 
 A compressor pools every `ratio` tokens into one KV entry; the attention op then attends to those
 entries next to the sliding window (docs/design.md, the sparse-attention contract). CSA's indexer
-scores the entries of its own, smaller compressor and keeps the top-k per query.
+scores the entries of its own, smaller compressor and keeps the top-k per query (custom_ops.indexer).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import custom_ops
 from torchtitan.models.utils import trunc_normal_
+
+from titan_v4.config import FROZEN
 
 from .args import DeepSeekV4ModelArgs
 from .precision import compute_dtype, full_precision
 from .rope import apply_rope
-
-# Indexer scores are computed in query chunks of this many rows to bound the [chunk, heads, entries]
-# temporary (64 heads x 1024 entries x 1024 rows x 4 B = 256 MiB at Flash sizes and S = 4096).
-INDEXER_QUERY_CHUNK = 1024
 
 
 class Compressor(nn.Module):
@@ -70,13 +71,22 @@ class Compressor(nn.Module):
         self.norm.reset_parameters()
 
 
+class IndexerQueries(NamedTuple):
+    """What the indexer scores with (the arguments of the custom_ops indexer ops)."""
+
+    q: torch.Tensor  # [B, S, index_n_heads, index_head_dim], roped
+    weights: torch.Tensor  # [B, S, index_n_heads] in compute_dtype(q.dtype), both scales folded in
+    keys: torch.Tensor  # [B, S // ratio, index_head_dim], q's dtype
+
+
 class Indexer(nn.Module):
-    """Lightning indexer of a CSA layer: picks the top-k compressed entries for each query.
+    """Lightning indexer of a CSA layer: scores the compressed entries for each query and keeps the top-k.
 
     score[t, s] = sum_h w[t,h] * relu(q[t,h] . k[s]) / sqrt(index_head_dim), w = weights_proj(x) /
-    sqrt(index_n_heads), over the causally visible entries s < (t+1) // ratio; top-k per query with
-    -1 for picks that are not visible (queries with fewer than k visible entries). Runs without
-    gradient: hard top-k gives the indexer no LM-loss gradient (it is trained by its own KL loss).
+    sqrt(index_n_heads), over the causally visible entries s < (t+1) // ratio. Its inputs (the block
+    input x and the shared query latent) are detached: hard top-k gives the indexer no gradient from
+    the LM loss, and its own KL loss (indexer_loss.py) must not train anything but the indexer.
+    Whether it builds a graph at all depends on the phase (frozen: no gradient).
     """
 
     def __init__(self, args: DeepSeekV4ModelArgs):
@@ -85,34 +95,28 @@ class Indexer(nn.Module):
         self.head_dim = args.index_head_dim
         self.topk = args.index_topk
         self.ratio = args.csa_ratio
+        self.trained = args.indexer_phase != FROZEN
         self.wq_b = nn.Linear(args.q_lora_rank, args.index_n_heads * args.index_head_dim, bias=False)
         self.weights_proj = nn.Linear(args.dim, args.index_n_heads, bias=False)
         self.compressor = Compressor(args.dim, args.index_head_dim, args.csa_ratio, overlap=True, eps=args.norm_eps)
-        # Frozen until the indexer KL loss exists: parameters that never get a gradient would also
-        # get no optimizer state, and a checkpoint without it cannot be resumed.
-        self.requires_grad_(False)
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, S, dim], q_latent [B, S, q_lora_rank] -> top-k entry ids [B, S, min(topk, S // ratio)] int32."""
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> IndexerQueries:
+        """x [B, S, dim] (the normed block input), q_latent [B, S, q_lora_rank] -> the queries, weights
+        and keys to score with, computed from detached inputs (with a graph only when trained)."""
         b, s, _ = x.shape
-        keys = self.compressor(x, cos, sin).float()  # [B, T, dI]
-        n_entries = keys.shape[1]
-        q = apply_rope(self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim), cos, sin).float()
-        head_weights = self.weights_proj(x).float() * self.n_heads**-0.5  # [B, S, H]
-        visible = (torch.arange(s, device=x.device) + 1) // self.ratio  # entries < visible[t] are causal
-        entry = torch.arange(n_entries, device=x.device)
-        k = min(self.topk, n_entries)
-        picks = []
-        for start in range(0, s, INDEXER_QUERY_CHUNK):
-            stop = min(start + INDEXER_QUERY_CHUNK, s)
+        x, q_latent = x.detach(), q_latent.detach()
+        with torch.set_grad_enabled(self.trained and torch.is_grad_enabled()):
+            q = apply_rope(self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim), cos, sin)
+            keys = self.compressor(x, cos, sin).to(q.dtype)
             with full_precision(x):
-                logits = torch.einsum("bshd,btd->bsht", q[:, start:stop], keys).relu_() * self.head_dim**-0.5
-                scores = torch.einsum("bsht,bsh->bst", logits, head_weights[:, start:stop])
-            future = entry.view(1, 1, -1) >= visible[start:stop].view(1, -1, 1)
-            top = scores.masked_fill(future, float("-inf")).topk(k, dim=-1).indices
-            picks.append(torch.where(top >= visible[start:stop].view(1, -1, 1), -1, top))
-        return torch.cat(picks, dim=1).to(torch.int32)
+                scale = (self.n_heads * self.head_dim) ** -0.5
+                weights = self.weights_proj(x).to(compute_dtype(q.dtype)) * scale
+        return IndexerQueries(q, weights, keys)
+
+    def select(self, queries: IndexerQueries) -> torch.Tensor:
+        """Top-k entry ids [B, S, min(topk, S // ratio)] int32, -1 where fewer entries are visible."""
+        k = min(self.topk, queries.keys.shape[1])
+        return custom_ops.indexer_topk(*queries, k=k, ratio=self.ratio)
 
     def init_weights(self, init_std: float) -> None:
         for linear in (self.wq_b, self.weights_proj):

@@ -1,8 +1,10 @@
 """The V4 training loss: next-token cross-entropy plus the weighted MTP losses.
 
 torchtitan divides what the loss function returns by the global number of valid (non-ignored)
-tokens, so the loss is a SUM. The sequence-wise balance loss is not here: each MoE layer attaches
-it to its own output's gradient (moe.py), which also works under pipeline parallelism.
+tokens, so the loss is a SUM. The sequence-wise balance loss and the indexer's KL loss are not here:
+each layer attaches its own to its output's gradient (aux_loss.py), which also works under pipeline
+parallelism. The loss records the detached sums of its two terms for the training log
+(titan_v4/loss_terms.py).
 """
 
 from __future__ import annotations
@@ -37,17 +39,30 @@ class V4Loss:
             raise ValueError(f"v4.mtp_loss_weight={mtp_loss_weight} is invalid: must be >= 0")
         self.mtp_loss_weight = mtp_loss_weight
         self.denom: torch.Tensor | int | None = None
+        # {term: (sum, count)} of the detached per-token cross-entropies since the last read_values().
+        self._values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, pred, labels: torch.Tensor) -> torch.Tensor:
-        if isinstance(pred, torch.Tensor):
-            loss = cross_entropy_loss(pred, labels)
-        else:
-            logits, *mtp_logits = pred
-            loss = cross_entropy_loss(logits, labels)
-            if mtp_logits and self.mtp_loss_weight > 0:
-                mtp = sum(mtp_cross_entropy(m, labels, k + 1) for k, m in enumerate(mtp_logits))
-                loss = loss + mtp * (self.mtp_loss_weight / len(mtp_logits))
+        logits, *mtp_logits = (pred,) if isinstance(pred, torch.Tensor) else pred
+        loss = cross_entropy_loss(logits, labels)
+        self._record("lm_loss", loss, labels)
+        if mtp_logits and self.mtp_loss_weight > 0:
+            mtp = 0.0
+            for k, m in enumerate(mtp_logits):
+                mtp_k = mtp_cross_entropy(m, labels, k + 1)
+                self._record("mtp_loss", mtp_k, labels[:, k + 1 :])
+                mtp = mtp + mtp_k
+            loss = loss + mtp * (self.mtp_loss_weight / len(mtp_logits))
         return loss if self.denom is None else loss / self.denom
+
+    def _record(self, term: str, loss_sum: torch.Tensor, labels: torch.Tensor) -> None:
+        total, count = self._values.get(term, (0.0, 0))
+        self._values[term] = (total + loss_sum.detach(), count + (labels != IGNORE_INDEX).sum())
+
+    def read_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{"lm_loss" | "mtp_loss": (sum of the per-token CE, number of tokens)}`` since the last read."""
+        values, self._values = self._values, {}
+        return values
 
 
 def build_v4_loss(job_config: JobConfig, **kwargs) -> V4Loss:

@@ -25,6 +25,7 @@ from torchtitan.models.moe.moe import FeedForward, GroupedExperts, MoE, MoEArgs,
 from torchtitan.models.moe.utils import indices_padding_wrapper
 
 from .args import DeepSeekV4ModelArgs
+from .aux_loss import AuxLoss
 from .precision import compute_dtype, full_precision, matmul_dtype
 
 
@@ -226,24 +227,6 @@ def sequence_balance_loss(scores: torch.Tensor, selected: torch.Tensor, num_expe
     return (f * p).sum(dim=-1).mean()
 
 
-class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on `out` whose backward also sends gradient 1 into `aux_loss`.
-
-    Lets an auxiliary loss computed inside a layer train the model without changing what the
-    layer returns (so it works unchanged under pipeline parallelism and per-block compile).
-    """
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
-        ctx.aux_meta = (aux_loss.shape, aux_loss.dtype, aux_loss.device)
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        shape, dtype, device = ctx.aux_meta
-        return grad_out, torch.ones(shape, dtype=dtype, device=device)
-
-
 class V4MoE(MoE):
     """V4 MoE layer: routed experts (clamped SwiGLU) + one shared expert, weights applied after the
     experts (`score_before_experts=False`; the SwiGLU is not linear in its input)."""
@@ -275,9 +258,8 @@ class V4MoE(MoE):
             else None
         )
         self.seq_balance_loss_weight = args.seq_balance_loss_weight
-        # Gradient scale of the balance loss, set by the trainer each step (local / global tokens) so
-        # it averages like the token-normalised LM loss across microbatches and data-parallel ranks.
-        self.register_buffer("aux_loss_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        # Attached to the output's gradient, scaled per microbatch by the trainer (aux_loss.py).
+        self.balance_loss = AuxLoss("balance_loss")
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, D], token_ids [B, S] (hash layers) -> [B, S, D]."""
@@ -302,13 +284,13 @@ class V4MoE(MoE):
 
         if self.training and self.seq_balance_loss_weight > 0 and not self.hash_routed:
             aux = sequence_balance_loss(scores.view(bs, slen, -1), selected.view(bs, slen, top_k), self.experts.num_experts)
-            out = _AttachAuxLoss.apply(out, aux * (self.seq_balance_loss_weight * self.aux_loss_scale))
+            out = self.balance_loss(out, aux, self.seq_balance_loss_weight)
         return out
 
     def init_weights(self, init_std: float, buffer_device: torch.device | None):
         buffer_device = buffer_device or self.tokens_per_expert.device
         super().init_weights(init_std, buffer_device)
-        self.aux_loss_scale = torch.ones((), dtype=torch.float32, device=buffer_device)
+        self.balance_loss.reset(buffer_device)
         if self.hash_routed:
             self.router.init_hash_table(self.layer_id)
 
@@ -316,10 +298,3 @@ class V4MoE(MoE):
 def moe_layers(model_parts: list[nn.Module]) -> list[V4MoE]:
     """Every V4 MoE layer (main layers and MTP blocks, through AC / compile wrappers), in module order."""
     return [m for part in model_parts for m in part.modules() if isinstance(m, V4MoE)]
-
-
-def set_aux_loss_scale(model_parts: list[nn.Module], scale: float | torch.Tensor) -> None:
-    """Set the balance-loss gradient scale of every V4 MoE layer (in place: no recompile)."""
-    for moe in moe_layers(model_parts):
-        moe.aux_loss_scale.fill_(scale)
-

@@ -1,0 +1,28 @@
+"""Argument checks shared by the ops' public functions (each error names the argument)."""
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(name: str, value) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_device(name: str, value: Tensor, device: torch.device) -> None:
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q is on {device}; all tensors must share q's device")
+
+
+def check_same(name: str, value: Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    """``value`` has the dtype q's dtype implies and q's device."""
+    if value.dtype != dtype:
+        raise TypeError(f"{name} must have q's dtype {dtype}, got {value.dtype}")
+    check_device(name, value, device)
+
+
+def check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
