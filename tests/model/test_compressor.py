@@ -102,3 +102,19 @@ def test_indexer_picks_top_visible_entries_with_sentinel():
             # Compare score values, not ids: relu makes exact ties (0) common.
             best = scores.topk(n_valid).values
             assert torch.allclose(scores[valid].sort().values, best.sort().values, rtol=1e-9, atol=0), f"t={t}"
+
+
+def test_indexer_under_autocast_with_bf16_activations():
+    """Under single-device autocast the streams (and so x) are bf16 while the parameters are fp32:
+    the indexer's fp32 head weights must not mix the two."""
+    a = tiny_args()
+    idx = Indexer(a)
+    randomize_(idx, seed=6)
+    x = torch.randn(1, 12, a.dim).bfloat16()
+    q_latent = torch.randn(1, 12, a.q_lora_rank).bfloat16()
+    cos, sin = rope_table(a, a.compress_rope_theta, yarn=True)[:, :12]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        queries = idx(x, q_latent, cos, sin)
+    assert queries.weights.dtype == torch.float32
+    expected = F.linear(x.float(), idx.weights_proj.weight) * (a.index_n_heads * a.index_head_dim) ** -0.5
+    close(queries.weights, expected, dtype=torch.float32)

@@ -108,9 +108,10 @@ class Indexer(nn.Module):
         with torch.set_grad_enabled(self.trained and torch.is_grad_enabled()):
             q = apply_rope(self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim), cos, sin)
             keys = self.compressor(x, cos, sin).to(q.dtype)
-            with full_precision(x):
+            with full_precision(x):  # the head weights in compute_dtype, whatever x's dtype
+                dtype = compute_dtype(q.dtype)
                 scale = (self.n_heads * self.head_dim) ** -0.5
-                weights = self.weights_proj(x).to(compute_dtype(q.dtype)) * scale
+                weights = F.linear(x.to(dtype), self.weights_proj.weight.to(dtype)) * scale
         return IndexerQueries(q, weights, keys)
 
     def select(self, queries: IndexerQueries) -> torch.Tensor:
