@@ -22,8 +22,8 @@ def test_the_shipped_configs_pass():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--training.steps", "-5"), r"training.steps=-5 is invalid: allowed values are integers >= 1"),
-        (("--training.steps", "0"), r"training.steps=0 is invalid"),
+        (("--training.steps", "-5"), r"training.steps=-5 is invalid: allowed values are integers >= 0"),
+        (("--training.steps", "-1"), r"training.steps=-1 is invalid"),
         (("--checkpoint.interval", "0"), r"checkpoint.interval=0 is invalid: allowed values are integers >= 1"),
         (("--checkpoint.keep_latest_k", "1"), r"checkpoint.keep_latest_k=1 is invalid"),
         (("--optimizer.lr", "-1"), r"optimizer.lr=-1.0 is invalid: allowed values are finite numbers >= 0"),

@@ -129,7 +129,8 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 def _check_training(job_config) -> None:
     t = job_config.training
-    _require(t.steps >= 1, "training.steps", t.steps, "integers >= 1")
+    # 0 builds the model, loads any initial checkpoint and stops (benchmarks/checkpoint_load.py).
+    _require(t.steps >= 0, "training.steps", t.steps, "integers >= 0 (0: build, load the checkpoint, stop)")
     _require(t.local_batch_size >= 1, "training.local_batch_size", t.local_batch_size, "integers >= 1")
     _require(t.seq_len >= 1, "training.seq_len", t.seq_len, "integers >= 1")
     gbs = t.global_batch_size
