@@ -59,6 +59,7 @@ from titan_v4.config import v4_settings  # noqa: E402
 from titan_v4.infra import resume, run_log  # noqa: E402
 from titan_v4.infra.indexer_phase import backbone_frozen, drop_backbone_grads  # noqa: E402
 from titan_v4.infra.nonfinite import NonFiniteGuard, ObserveLoss  # noqa: E402
+from titan_v4.infra.optimizer import init_optimizer_state  # noqa: E402
 from titan_v4.loss_terms import format_loss_terms, read_loss_terms  # noqa: E402
 from titan_v4.model.aux_loss import set_aux_loss_scale  # noqa: E402
 
@@ -73,6 +74,11 @@ class V4Trainer(ObserveLoss, Trainer):
     def __init__(self, job_config) -> None:
         run_log.attach_log_file(job_config.job.dump_folder)
         super().__init__(job_config)
+        if job_config.training.steps > 0:
+            # Before any checkpoint is loaded, so that a checkpoint has a state for every parameter
+            # (titan_v4/infra/optimizer.py). A load-only run (steps 0) needs none, and a model that
+            # fits only without optimizer state can still be loaded.
+            init_optimizer_state(self.optimizers)
         self.nonfinite_guard = NonFiniteGuard(
             self.optimizers, self.model_parts, self.device, v4_settings(job_config).max_nonfinite_steps, lambda: self.step
         )

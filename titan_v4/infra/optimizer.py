@@ -9,7 +9,8 @@ A parameter that gets no gradient (the indexer in the frozen phase, the backbone
 phase: titan_v4/infra/indexer_phase.py) would get no optimizer state, and a checkpoint without it
 cannot be loaded by a run whose optimizer has it (the distributed checkpoint asks for every key),
 so a run could not resume across a phase switch. `init_optimizer_state` therefore creates every
-state up front, equal to what the optimizer creates at a parameter's first gradient.
+state up front (V4Trainer calls it before any checkpoint is loaded, unless training.steps is 0),
+equal to what the optimizer creates at a parameter's first gradient.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ def build_v4_optimizers(
     optimizers = build_optimizers(
         model_parts=model_parts, optimizer_config=optimizer_config, parallel_dims=parallel_dims, ft_manager=ft_manager
     )
-    init_optimizer_state(optimizers)
     moes = moe_layers(model_parts)
     move = not backbone_frozen(model_parts)
     optimizers.register_step_pre_hook(lambda *args, **kwargs: update_expert_bias(moes, parallel_dims, move))
