@@ -48,8 +48,10 @@ class AuxLoss(nn.Module):
     def forward(self, out: torch.Tensor, loss: torch.Tensor, weight: float, *metrics: torch.Tensor) -> torch.Tensor:
         """``out`` unchanged; its backward adds ``weight * grad_scale * d loss``. Records loss and metrics."""
         with torch.no_grad():
-            self.sums += torch.stack([loss.detach().float(), *(m.detach().float() for m in metrics)])
-            self.count += 1
+            # In place (add_, not +=, which rebinds the attribute): a compiled block under
+            # activation checkpointing may mutate a buffer, not the module's attributes.
+            self.sums.add_(torch.stack([loss.detach().float(), *(m.detach().float() for m in metrics)]))
+            self.count.add_(1)
         return _AttachAuxLoss.apply(out, loss * (weight * self.grad_scale))
 
     def reset(self, device: torch.device | None = None) -> None:
