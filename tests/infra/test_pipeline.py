@@ -22,7 +22,7 @@ from titan_v4.infra.pipeline import (
     check_schedule,
     check_stage_count,
     default_module_names,
-    keep_expert_loads_through_shape_inference,
+    keep_counters_through_shape_inference,
     layer_counts,
     module_names_for_layer_counts,
     stage_autocast_dtype,
@@ -121,10 +121,11 @@ def test_schedules_v4_cannot_train_are_refused_with_the_reason():
         check_schedule(job_config("--parallelism.pipeline_parallel_schedule_csv", "x.csv"))
 
 
-def test_shape_inference_forward_leaves_the_expert_loads_alone():
-    model = DeepSeekV4Model(tiny_args())
+def test_shape_inference_forward_leaves_the_running_counters_alone():
+    model = DeepSeekV4Model(tiny_args(seq_balance_loss_weight=0.1)).train()
     model.init_weights()
     (moe, *_) = moe_layers([model])
+    balance = model.layers["1"].moe.balance_loss  # a learned-routing layer: it records a value
 
     class Stage:
         submod = model
@@ -134,16 +135,18 @@ def test_shape_inference_forward_leaves_the_expert_loads_alone():
             return "meta"
 
     stage = Stage()
-    keep_expert_loads_through_shape_inference(stage)
+    keep_counters_through_shape_inference(stage)
     tokens = torch.randint(0, 64, (2, 16))
     assert stage._forward_metadata_inference(tokens) == "meta"
     assert int(moe.tokens_per_expert.sum()) == 0
+    assert int(balance.count) == 0 and float(balance.sums.abs().sum()) == 0
     model(tokens)  # a real forward still counts
     assert int(moe.tokens_per_expert.sum()) == 2 * 16 * moe.router.top_k
+    assert int(balance.count) == 1 and float(balance.sums.abs().sum()) > 0
 
     stage = types.SimpleNamespace(submod=model)  # a torch whose stages infer shapes some other way
     with pytest.raises(NotImplementedError, match=r"none of \('_shape_inference', '_forward_metadata_inference'\)"):
-        keep_expert_loads_through_shape_inference(stage)
+        keep_counters_through_shape_inference(stage)
 
 
 def test_pipeline_without_fsdp_autocasts_its_forward_only():

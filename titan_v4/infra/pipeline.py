@@ -25,6 +25,7 @@ Design notes: docs/design.md, "Pipeline parallelism".
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Sequence
@@ -44,7 +45,8 @@ from torchtitan.distributed.pipeline_parallel import generate_llm_fqn_per_model_
 from torchtitan.tools.logging import logger
 
 from titan_v4.model.args import DeepSeekV4ModelArgs
-from titan_v4.model.moe import V4MoE, moe_layers
+from titan_v4.model.aux_loss import aux_losses
+from titan_v4.model.moe import moe_layers
 
 #: The modules of the last stage besides its layers, in forward order (the MTP blocks follow).
 LAST_STAGE_MODULES = ("hc_head", "norm", "output")
@@ -195,35 +197,49 @@ def check_stage_count(num_stages: int, pp: int, schedule_name: str) -> None:
 
 # At its first step a schedule runs every stage's forward once to learn the shapes that cross the
 # stage boundaries: torch 2.11 in `_shape_inference` (zeros as inputs), torch 2.13 in
-# `_forward_metadata_inference` (uninitialised inputs on all but the first stage).
+# `_forward_metadata_inference` (uninitialised inputs on all but the first stage). torch 2.13 then
+# also runs the loss and the backward on those outputs (`_backward_metadata_inference`).
 SHAPE_INFERENCE_METHODS = ("_shape_inference", "_forward_metadata_inference")
+BACKWARD_INFERENCE_METHODS = ("_backward_metadata_inference",)
 
 
-def keep_expert_loads_through_shape_inference(stage) -> None:
-    """Make the stage's shape-inference forward leave the MoE expert-load counters as they were.
+def keep_counters_through_shape_inference(stage, loss_fn=None) -> None:
+    """Make the stage's shape inference leave the model's running counters and the loss's records
+    as they were.
 
-    Those counters drive the aux-loss-free bias update (titan_v4/infra/optimizer.py); the inference
-    forward would add a placeholder batch (or, on the first stage, the first microbatch again).
+    The MoE expert loads drive the aux-loss-free bias update (titan_v4/infra/optimizer.py); the
+    auxiliary losses' sums and the loss function's per-term records feed the training log
+    (titan_v4/model/aux_loss.py, titan_v4/model/loss.py). The inference would add a placeholder
+    batch to all of them (or, on the first stage, the first microbatch again).
     """
     methods = [name for name in SHAPE_INFERENCE_METHODS if hasattr(stage, name)]
     if not methods:
         raise NotImplementedError(
             f"torch {torch.__version__}: the pipeline stage has none of {SHAPE_INFERENCE_METHODS}, so its "
-            "shape-inference forward cannot be kept out of the MoE expert loads; titan_v4 knows torch 2.11 to 2.13 here"
+            "shape-inference forward cannot be kept out of the running counters; titan_v4 knows torch 2.11 to 2.13 here"
         )
-    moes = moe_layers([stage.submod])
+    methods += [name for name in BACKWARD_INFERENCE_METHODS if hasattr(stage, name)]
+    pause_loss = getattr(loss_fn, "recording_paused", contextlib.nullcontext)
     for name in methods:
-        setattr(stage, name, _restoring_expert_loads(getattr(stage, name), moes))
+        setattr(stage, name, _restoring(getattr(stage, name), stage.submod, pause_loss))
 
 
-def _restoring_expert_loads(method, moes: list[V4MoE]):
+def _running_counters(module: nn.Module) -> list[torch.Tensor]:
+    # Looked up at each call: init_weights replaces these buffers after the stages are built.
+    counters = [moe.tokens_per_expert for moe in moe_layers([module])]
+    return counters + [buffer for aux in aux_losses([module]) for buffer in (aux.sums, aux.count)]
+
+
+def _restoring(method, module: nn.Module, pause_loss):
     def run(*args, **kwargs):
-        saved = [moe.tokens_per_expert.clone() for moe in moes]
+        counters = _running_counters(module)
+        saved = [counter.clone() for counter in counters]
         try:
-            return method(*args, **kwargs)
+            with pause_loss():
+                return method(*args, **kwargs)
         finally:
-            for moe, loads in zip(moes, saved):
-                moe.tokens_per_expert.copy_(loads)
+            for counter, value in zip(counters, saved):
+                counter.copy_(value)
 
     return run
 
@@ -252,7 +268,7 @@ def pipeline_deepseek_v4(
         model, parallel_dims, v4_job_config, device, model_args, parallelize_fn, loss_fn
     )
     for stage in pipeline_stages(schedule):
-        keep_expert_loads_through_shape_inference(stage)
+        keep_counters_through_shape_inference(stage, loss_fn)
     dtype = stage_autocast_dtype(parallel_dims, job_config)
     if dtype is not None:
         for part in model_parts:

@@ -9,6 +9,8 @@ parallelism. The loss records the detached sums of its two terms for the trainin
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 from torchtitan.config import JobConfig
@@ -58,6 +60,15 @@ class V4Loss:
     def _record(self, term: str, loss_sum: torch.Tensor, labels: torch.Tensor) -> None:
         total, count = self._values.get(term, (0.0, 0))
         self._values[term] = (total + loss_sum.detach(), count + (labels != IGNORE_INDEX).sum())
+
+    @contextlib.contextmanager
+    def recording_paused(self):
+        """Losses computed inside are not recorded (a pipeline's shape inference on placeholder data)."""
+        saved, self._values = self._values, {}
+        try:
+            yield
+        finally:
+            self._values = saved
 
     def read_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{"lm_loss" | "mtp_loss": (sum of the per-token CE, number of tokens)}`` since the last read."""
