@@ -52,8 +52,8 @@ def test_v4_loss_records_each_term_per_token():
     labels[0, 0] = IGNORE_INDEX
     logits, mtp1 = torch.randn(2, 2, 8, VOCAB, generator=g)
     loss = V4Loss(0.3)
-    loss((logits, (mtp1,)), labels)
-    loss((logits, (mtp1,)), labels)
+    loss((logits, mtp1), labels)
+    loss((logits, mtp1), labels)
     values = loss.read_values()
     lm = per_position_ce(logits, {(b, i): labels[b, i].item() for b in range(2) for i in range(8) if (b, i) != (0, 0)})
     d1 = per_position_ce(mtp1, {(b, i): labels[b, i + 1].item() for b in range(2) for i in range(7)})
