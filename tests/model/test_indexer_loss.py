@@ -175,8 +175,8 @@ def model_grads(phase: str, lm_weight: float, indexer_weight: float):
     model.init_weights()
     randomize_(model, seed=2)
     tokens = torch.randint(0, a.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
-    logits, mtp_logits = model(tokens)
-    lm = F.cross_entropy(logits.flatten(0, 1), tokens.flatten()) + F.cross_entropy(mtp_logits[0].flatten(0, 1), tokens.flatten())
+    logits, mtp_logits = model(tokens)  # (logits, *mtp_logits) with one MTP depth
+    lm = F.cross_entropy(logits.flatten(0, 1), tokens.flatten()) + F.cross_entropy(mtp_logits.flatten(0, 1), tokens.flatten())
     (lm * lm_weight).backward()
     return {n: p.grad for n, p in model.named_parameters()}
 
