@@ -61,37 +61,37 @@ def test_inventory_swa_hash(dump):
     assert_expected_inline(summary(dump, "swa-hash"), """\
 swa-hash: 1 block(s) (layers.0)
   dynamo graphs 1, graph breaks 0, recompiles after step 1 0
-  custom ops per block (fw/bw): v4.sinkhorn.default 2/0, v4.sinkhorn_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
-  generated kernels per block (fw/bw): 18/19 kernels, 19/20 calls
-  extern calls per block (fw/bw): aten.cumsum.default 1/0, aten.searchsorted.Tensor 1/0, aten.sort.stable 1/0, extern_kernels.addmm 0/5, extern_kernels.bmm 3/6, extern_kernels.mm 16/27, v4.sinkhorn.default 2/0, v4.sinkhorn_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
-  GEMMs per block (fw/bw): 19/38; per step by input dtypes: fp32 x fp32 57""")
+  custom ops per block (fw/bw): v4.mhc_collapse.default 2/0, v4.mhc_collapse_bwd.default 0/2, v4.mhc_expand.default 2/0, v4.mhc_expand_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
+  generated kernels per block (fw/bw): 12/11 kernels, 14/12 calls
+  extern calls per block (fw/bw): aten.cumsum.default 1/0, aten.searchsorted.Tensor 1/0, aten.sort.stable 1/0, extern_kernels.addmm 1/5, extern_kernels.bmm 1/2, extern_kernels.mm 13/23, v4.mhc_collapse.default 2/0, v4.mhc_collapse_bwd.default 0/2, v4.mhc_expand.default 2/0, v4.mhc_expand_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
+  GEMMs per block (fw/bw): 15/30; per step by input dtypes: fp32 x fp32 45""")
 
 
 def test_inventory_csa_learned(dump):
     assert_expected_inline(summary(dump, "csa-learned"), """\
 csa-learned: 2 block(s) (layers.1, layers.3)
   dynamo graphs 1, graph breaks 0, recompiles after step 1 0
-  custom ops per block (fw/bw): v4.sinkhorn.default 2/0, v4.sinkhorn_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
-  generated kernels per block (fw/bw): 24/20 kernels, 25/21 calls
-  extern calls per block (fw/bw): aten.cumsum.default 1/0, aten.searchsorted.Tensor 1/0, aten.sort.stable 1/0, aten.topk.default 2/0, extern_kernels.addmm 0/5, extern_kernels.bmm 4/6, extern_kernels.mm 22/31, v4.sinkhorn.default 2/0, v4.sinkhorn_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
-  GEMMs per block (fw/bw): 27/42; per step by input dtypes: fp32 x fp32 138""")
+  custom ops per block (fw/bw): v4.indexer_scores.default 1/0, v4.indexer_scores_bwd.default 1/0, v4.indexer_teacher.default 1/0, v4.indexer_topk.default 1/0, v4.mhc_collapse.default 2/0, v4.mhc_collapse_bwd.default 0/2, v4.mhc_expand.default 2/0, v4.mhc_expand_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
+  generated kernels per block (fw/bw): 26/16 kernels, 28/17 calls
+  extern calls per block (fw/bw): aten.cumsum.default 1/0, aten.searchsorted.Tensor 1/0, aten.sort.stable 1/0, aten.topk.default 1/0, extern_kernels.addmm 1/5, extern_kernels.bmm 1/2, extern_kernels.mm 23/27, v4.indexer_scores.default 1/0, v4.indexer_scores_bwd.default 1/0, v4.indexer_teacher.default 1/0, v4.indexer_topk.default 1/0, v4.mhc_collapse.default 2/0, v4.mhc_collapse_bwd.default 0/2, v4.mhc_expand.default 2/0, v4.mhc_expand_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
+  GEMMs per block (fw/bw): 25/34; per step by input dtypes: fp32 x fp32 118""")
 
 
 def test_inventory_hca_learned(dump):
     assert_expected_inline(summary(dump, "hca-learned"), """\
 hca-learned: 1 block(s) (layers.2)
   dynamo graphs 1, graph breaks 0, recompiles after step 1 0
-  custom ops per block (fw/bw): v4.sinkhorn.default 2/0, v4.sinkhorn_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
-  generated kernels per block (fw/bw): 19/20 kernels, 20/21 calls
-  extern calls per block (fw/bw): aten.cumsum.default 1/0, aten.searchsorted.Tensor 1/0, aten.sort.stable 1/0, aten.topk.default 1/0, extern_kernels.addmm 0/5, extern_kernels.bmm 3/6, extern_kernels.mm 18/31, v4.sinkhorn.default 2/0, v4.sinkhorn_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
-  GEMMs per block (fw/bw): 21/42; per step by input dtypes: fp32 x fp32 63""")
+  custom ops per block (fw/bw): v4.mhc_collapse.default 2/0, v4.mhc_collapse_bwd.default 0/2, v4.mhc_expand.default 2/0, v4.mhc_expand_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
+  generated kernels per block (fw/bw): 14/12 kernels, 16/13 calls
+  extern calls per block (fw/bw): aten.cumsum.default 1/0, aten.searchsorted.Tensor 1/0, aten.sort.stable 1/0, aten.topk.default 1/0, extern_kernels.addmm 1/5, extern_kernels.bmm 1/2, extern_kernels.mm 15/27, v4.mhc_collapse.default 2/0, v4.mhc_collapse_bwd.default 0/2, v4.mhc_expand.default 2/0, v4.mhc_expand_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
+  GEMMs per block (fw/bw): 17/34; per step by input dtypes: fp32 x fp32 51""")
 
 
 def test_inventory_mtp(dump):
     assert_expected_inline(summary(dump, "mtp"), """\
 mtp: 1 block(s) (mtp.0)
   dynamo graphs 1, graph breaks 0, recompiles after step 1 0
-  custom ops per block (fw/bw): v4.sinkhorn.default 2/0, v4.sinkhorn_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
-  generated kernels per block (fw/bw): 19/22 kernels, 21/23 calls
-  extern calls per block (fw/bw): aten.cumsum.default 1/0, aten.searchsorted.Tensor 1/0, aten.sort.stable 1/0, aten.topk.default 1/0, extern_kernels.addmm 0/5, extern_kernels.bmm 3/6, extern_kernels.mm 18/31, v4.sinkhorn.default 2/0, v4.sinkhorn_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
-  GEMMs per block (fw/bw): 21/42; per step by input dtypes: fp32 x fp32 63""")
+  custom ops per block (fw/bw): v4.mhc_collapse.default 2/0, v4.mhc_collapse_bwd.default 0/2, v4.mhc_expand.default 2/0, v4.mhc_expand_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
+  generated kernels per block (fw/bw): 15/13 kernels, 17/13 calls
+  extern calls per block (fw/bw): aten.cumsum.default 1/0, aten.searchsorted.Tensor 1/0, aten.sort.stable 1/0, aten.topk.default 1/0, extern_kernels.addmm 1/5, extern_kernels.bmm 1/2, extern_kernels.mm 15/27, v4.mhc_collapse.default 2/0, v4.mhc_collapse_bwd.default 0/2, v4.mhc_expand.default 2/0, v4.mhc_expand_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
+  GEMMs per block (fw/bw): 17/34; per step by input dtypes: fp32 x fp32 51""")
