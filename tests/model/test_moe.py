@@ -66,6 +66,17 @@ def test_hash_table_is_deterministic_with_distinct_experts():
     assert "router.tid2eid" in V4MoE(a, 0, True).state_dict()  # persistent: checkpoints carry it
 
 
+def test_hash_table_ignores_a_surrounding_default_device():
+    """Built under `with torch.device(...)` (how benchmarks and the trainer build on a GPU), the table
+    is still drawn from the CPU generator: the same table as without the context."""
+    a = tiny_args()
+    plain, under_context = V4Router(a, True), V4Router(a, True)
+    plain.init_hash_table(3)
+    with torch.device("meta"):
+        under_context.init_hash_table(3)
+    assert torch.equal(plain.tid2eid, under_context.tid2eid)
+
+
 def test_experts_loop_matches_per_row_formula():
     a = tiny_args()
     ex = ClampedGroupedExperts(a.dim, a.moe_inter_dim, 4, swiglu_limit=0.5).double()

@@ -196,8 +196,11 @@ class V4Router(TokenChoiceTopKRouter):
         The released hash function is not public; checkpoints carry the real table. Seeded by the
         layer id so every rank builds the same table.
         """
+        # Drawn on the CPU (explicitly, so a surrounding `with torch.device("cuda")` cannot move the
+        # draw away from the CPU generator): the same table on every device and rank.
         g = torch.Generator().manual_seed(0x5EED0000 + layer_id)
-        table = torch.rand(self.tid2eid.shape[0], self.num_experts, generator=g).argsort(dim=-1)[:, : self.top_k]
+        scores = torch.rand(self.tid2eid.shape[0], self.num_experts, generator=g, device="cpu")
+        table = scores.argsort(dim=-1)[:, : self.top_k]
         self.tid2eid.copy_(table.to(self.tid2eid.device))
 
 
