@@ -26,3 +26,14 @@ def check_int(name: str, value) -> None:
         raise TypeError(f"{name} must be a Python int >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_sink(sink, heads: int, q: Tensor) -> None:
+    """The attention sink: ``[H]`` logits in fp32 (fp64 allowed when q is fp64), on q's device."""
+    check_tensor("sink", sink)
+    if tuple(sink.shape) != (heads,):
+        raise ValueError(f"sink must be [H] = {(heads,)} to match q, got shape {tuple(sink.shape)}")
+    sink_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
+    if sink.dtype not in sink_dtypes:
+        raise TypeError(f"sink must be float32 (or float64 when q is float64), got {sink.dtype} with q {q.dtype}")
+    check_device("sink", sink, q.device)

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..checks import check_device, check_int, check_same, check_tensor
+from ..checks import check_device, check_int, check_same, check_sink, check_tensor
 from . import ops
 from .contract import ScoresInputs, TeacherInputs, TeacherOutputs, TopkInputs, compute_dtype
 
@@ -78,13 +78,7 @@ def indexer_teacher(
     if tuple(lse.shape) != (batch, seq_len, heads):
         raise ValueError(f"lse must be [B, S, H] = {(batch, seq_len, heads)}, got shape {tuple(lse.shape)}")
     _check_compute_dtype("lse", lse, q)
-    check_tensor("sink", sink)
-    if tuple(sink.shape) != (heads,):
-        raise ValueError(f"sink must be [H] = {(heads,)}, got shape {tuple(sink.shape)}")
-    sink_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
-    if sink.dtype not in sink_dtypes:
-        raise TypeError(f"sink must be float32 (or float64 when q is float64), got {sink.dtype} with q {q.dtype}")
-    check_device("sink", sink, q.device)
+    check_sink(sink, heads, q)
     _check_indices(indices, q)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python float, got {scale!r}")

@@ -9,6 +9,7 @@ from torch import Tensor
 from ..checks import check_device as _check_device
 from ..checks import check_int as _check_int
 from ..checks import check_same as _check_same
+from ..checks import check_sink as _check_sink
 from ..checks import check_tensor as _check_tensor
 from . import ops
 from .contract import Inputs
@@ -84,13 +85,7 @@ def sparse_attention(
         raise ValueError(f"kv must be [B, S, D] = {(batch, seq_len, dim)} to match q, got shape {tuple(kv.shape)}")
     _check_same("kv", kv, q.dtype, device)
 
-    _check_tensor("sink", sink)
-    if tuple(sink.shape) != (heads,):
-        raise ValueError(f"sink must be [H] = {(heads,)} to match q, got shape {tuple(sink.shape)}")
-    sink_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
-    if sink.dtype not in sink_dtypes:
-        raise TypeError(f"sink must be float32 (or float64 when q is float64), got {sink.dtype} with q {q.dtype}")
-    _check_device("sink", sink, device)
+    _check_sink(sink, heads, q)
 
     if pool is not None:
         _check_tensor("pool", pool)
