@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import titan_v4  # noqa: F401  (installs the CPU shim where there is no CUDA)
 from titan_v4.flavors import deepseek_v4_args
 from titan_v4.model.args import DeepSeekV4ModelArgs
-from titan_v4.model.attn_kinds import CSA, HCA, SWA
 from titan_v4.model.flops import count_params_and_flops
+from titan_v4.model.hf_config import hf_config_from_args
 from titan_v4.model.model import DeepSeekV4Model
 
 PEAK_FLOPS = 989e12  # H100 SXM bf16 dense (datasheet)
@@ -46,49 +46,11 @@ def matched_args(tiny: bool, seq_len: int) -> DeepSeekV4ModelArgs:
 
 
 def hf_config(args: DeepSeekV4ModelArgs):
-    """The transformers DeepseekV4Config of the same architecture."""
+    """The transformers DeepseekV4Config of the same architecture (the adapter's HF config, the one the
+    checkpoint tests prove equal to titan-v4), with HF's eager attention."""
     from transformers import DeepseekV4Config
 
-    hf_kind = {SWA: "sliding_attention", CSA: "compressed_sparse_attention", HCA: "heavily_compressed_attention"}
-    cfg = DeepseekV4Config(
-        vocab_size=args.vocab_size,
-        hidden_size=args.dim,
-        moe_intermediate_size=args.moe_inter_dim,
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads,
-        num_key_value_heads=1,
-        head_dim=args.head_dim,
-        partial_rotary_factor=args.rope_head_dim / args.head_dim,
-        q_lora_rank=args.q_lora_rank,
-        o_groups=args.o_groups,
-        o_lora_rank=args.o_lora_rank,
-        sliding_window=args.window_size,
-        layer_types=[hf_kind[k] for k in args.attn_types],
-        compress_rates={"compressed_sparse_attention": args.csa_ratio, "heavily_compressed_attention": args.hca_ratio},
-        mlp_layer_types=["hash_moe" if args.is_hash_layer(i) else "moe" for i in range(args.n_layers)],
-        index_n_heads=args.index_n_heads,
-        index_head_dim=args.index_head_dim,
-        index_topk=args.index_topk,
-        n_routed_experts=args.n_routed_experts,
-        num_experts_per_tok=args.n_activated_experts,
-        n_shared_experts=args.n_shared_experts,
-        routed_scaling_factor=args.route_scale,
-        swiglu_limit=args.swiglu_limit,
-        hc_mult=args.hc_mult,
-        hc_sinkhorn_iters=args.hc_sinkhorn_iters,
-        hc_eps=args.hc_eps,
-        rope_theta=args.rope_theta,
-        compress_rope_theta=args.compress_rope_theta,
-        rope_parameters={
-            "rope_type": "yarn", "factor": args.rope_factor, "original_max_position_embeddings": args.original_seq_len,
-            "beta_fast": args.beta_fast, "beta_slow": args.beta_slow,
-        },  # fmt: skip
-        # As in the released configs: YaRN's target length (also silences HF's factor-mismatch warning).
-        max_position_embeddings=int(args.original_seq_len * args.rope_factor),
-        num_nextn_predict_layers=0,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
+    cfg = DeepseekV4Config(**hf_config_from_args(args), attn_implementation="eager")
     cfg._experts_implementation = "grouped_mm" if torch.cuda.is_available() else "eager"
     return cfg
 
