@@ -26,15 +26,6 @@ MIXES = (2 + HC) * HC
 
 
 # ---------------------------------------------------------------------------------- baseline math
-def baseline_sinkhorn(logits, iters, eps):
-    c = torch.softmax(logits, dim=-1) + eps
-    c = c / (c.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        c = c / (c.sum(dim=-1, keepdim=True) + eps)
-        c = c / (c.sum(dim=-2, keepdim=True) + eps)
-    return c
-
-
 def baseline_collapse(x, fn, base, scale):
     """HyperConnection.collapse as the model wrote it before the ops (titan_v4 at c11fb2f)."""
     hc = x.shape[-2]
@@ -44,7 +35,8 @@ def baseline_collapse(x, fn, base, scale):
     pre_base, post_base, comb_base = base.split((hc, hc, hc * hc))
     pre = torch.sigmoid(pre * scale[0] + pre_base) + HC_EPS
     post = 2 * torch.sigmoid(post * scale[1] + post_base)
-    comb = baseline_sinkhorn(comb.unflatten(-1, (hc, hc)) * scale[2] + comb_base.view(hc, hc), ITERS, HC_EPS)
+    # The Sinkhorn reference is plain differentiable torch, exactly the model's math before the ops.
+    comb = sinkhorn_reference.sinkhorn_fwd(comb.unflatten(-1, (hc, hc)) * scale[2] + comb_base.view(hc, hc), ITERS, HC_EPS)
     return (pre.unsqueeze(-1) * x).sum(dim=-2).to(x.dtype), post, comb
 
 
