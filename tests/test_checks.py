@@ -33,6 +33,7 @@ def test_the_shipped_configs_pass():
         (("--training.dataset_path", "/data"), r"training.dataset_path='/data' is not used by titan_v4"),
         (("--model.tokenizer_path", "/tok"), r"model.tokenizer_path='/tok' is not used by titan_v4.*v4.tokenizer_path"),
         (("--validation.enable",), r"validation.enable=True is not supported"),
+        (("--compile.components", "model,los"), r"compile.components=\['model', 'los'\] is invalid: \['los'\] would be ignored"),
     ],
 )
 def test_bad_values_are_refused_by_name(args, message):

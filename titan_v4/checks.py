@@ -179,6 +179,12 @@ def _check_unused_settings(job_config) -> None:
         )
     if job_config.validation.enable:
         raise JobConfigError("validation.enable=True is not supported by titan_v4 yet: allowed value is false")
+    unknown = sorted(set(job_config.compile.components) - {"model", "loss"})
+    if unknown:
+        raise JobConfigError(
+            f"compile.components={job_config.compile.components!r} is invalid: {unknown} would be ignored; "
+            "allowed entries are 'model' (each block) and 'loss' (each head's cross-entropy)"
+        )
 
 
 def _check_parallelism(job_config, world_size: int) -> None:

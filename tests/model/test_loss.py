@@ -73,3 +73,42 @@ def test_losses_computed_while_recording_is_paused_are_not_logged():
     total, count = loss.read_values()["lm_loss"]
     assert int(count) == 6 and total.item() == pytest.approx(torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="sum").item(), rel=1e-5)
     assert loss.read_values() == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_loss_equals_the_per_position_formula_in_value_and_gradient(dtype):
+    """compile.components "loss": each head's cross-entropy compiled (inductor) gives the fp64 per-position
+    value and the eager gradient, in the logits' dtype, ignored labels included."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, VOCAB, (2, 8), generator=g)
+    labels[1, 2] = IGNORE_INDEX
+    logits, mtp1 = (4 * torch.randn(2, 2, 8, VOCAB, generator=g)).to(dtype).unbind(0)
+    lm = per_position_ce(logits, {(b, i): labels[b, i].item() for b in range(2) for i in range(8) if (b, i) != (1, 2)})
+    d1 = per_position_ce(mtp1, {(b, i): labels[b, i + 1].item() for b in range(2) for i in range(7) if (b, i + 1) != (1, 2)})
+    grads = {}
+    for name, loss_fn in (("eager", V4Loss(0.3)), ("compiled", V4Loss(0.3, compile_backend="inductor"))):
+        leaves = [t.clone().requires_grad_() for t in (logits, mtp1)]
+        loss = loss_fn(tuple(leaves), labels)
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx((lm + 0.3 * d1).item(), rel=1e-5)
+        loss.backward()
+        grads[name] = [leaf.grad for leaf in leaves]
+        assert all(grad.dtype == dtype for grad in grads[name])
+        assert loss_fn.read_values()["mtp_loss"][1].item() == 13
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=2e-3)
+    for compiled, eager in zip(grads["compiled"], grads["eager"]):
+        torch.testing.assert_close(compiled, eager, **tol)
+    assert grads["eager"][0][1, 2].abs().max() == 0 and grads["compiled"][0][1, 2].abs().max() == 0
+
+
+def test_the_loss_is_compiled_exactly_when_the_config_asks():
+    from tests.helpers.job_config import job_config
+    from titan_v4.model.loss import build_v4_loss, cross_entropy_loss
+
+    def built(*args):
+        return build_v4_loss(job_config("--job.config_file", "train_configs/debug.toml", *args)).cross_entropy
+
+    assert built() is cross_entropy_loss  # compile off
+    assert built("--compile.enable", "--compile.components", "model") is cross_entropy_loss
+    compiled = built("--compile.enable")  # torchtitan's default components: model and loss
+    assert compiled is not cross_entropy_loss and getattr(compiled, "_torchdynamo_orig_callable", None) is cross_entropy_loss

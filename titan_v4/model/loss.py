@@ -5,6 +5,13 @@ tokens, so the loss is a SUM. The sequence-wise balance loss and the indexer's K
 each layer attaches its own to its output's gradient (aux_loss.py), which also works under pipeline
 parallelism. The loss records the detached sums of its two terms for the training log
 (titan_v4/loss_terms.py).
+
+With ``compile.enable`` and "loss" in ``compile.components`` (torchtitan's default) each head's
+cross-entropy is one compiled function: the compiler fuses the fp32 upcast, log-softmax and the
+target gather, keeps the bf16 logits and the per-row log-sum-exp for the backward instead of an fp32
+log-softmax, and writes the bf16 logit gradient in one pass. At the flash_proxy shape (4096 x 129,280
+logits per head, two heads) that is the difference between about 2 GiB and 0.5 GiB of fp32 per head
+held across the backward (docs/perf/2026-11-27-step-h100.md).
 """
 
 from __future__ import annotations
@@ -19,13 +26,13 @@ from torchtitan.tools.logging import logger
 from titan_v4.config import v4_settings
 
 
-def mtp_cross_entropy(mtp_logits: torch.Tensor, labels: torch.Tensor, depth: int) -> torch.Tensor:
+def mtp_cross_entropy(mtp_logits: torch.Tensor, labels: torch.Tensor, depth: int, cross_entropy=cross_entropy_loss) -> torch.Tensor:
     """Sum CE of MTP depth `depth` (1-based): its position i predicts labels[:, i + depth].
 
     mtp_logits [B, S, V], labels [B, S] (labels[:, i] = token i+1). The last `depth` positions have
-    no target.
+    no target. `cross_entropy(logits, labels)` is the sum cross-entropy to use (eager or compiled).
     """
-    return cross_entropy_loss(mtp_logits[:, :-depth], labels[:, depth:])
+    return cross_entropy(mtp_logits[:, :-depth], labels[:, depth:])
 
 
 class V4Loss:
@@ -36,22 +43,28 @@ class V4Loss:
     loss is already token-normalised.
     """
 
-    def __init__(self, mtp_loss_weight: float):
+    def __init__(self, mtp_loss_weight: float, compile_backend: str | None = None):
+        """compile_backend: a torch.compile backend for each head's cross-entropy; None runs it eagerly."""
         if mtp_loss_weight < 0:
             raise ValueError(f"v4.mtp_loss_weight={mtp_loss_weight} is invalid: must be >= 0")
         self.mtp_loss_weight = mtp_loss_weight
+        # One static graph per logits shape (the LM head's S rows, depth k's S - k): few and fixed.
+        self.cross_entropy = (
+            cross_entropy_loss if compile_backend is None
+            else torch.compile(cross_entropy_loss, backend=compile_backend, dynamic=False)
+        )  # fmt: skip
         self.denom: torch.Tensor | int | None = None
         # {term: (sum, count)} of the detached per-token cross-entropies since the last read_values().
         self._values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, pred, labels: torch.Tensor) -> torch.Tensor:
         logits, *mtp_logits = (pred,) if isinstance(pred, torch.Tensor) else pred
-        loss = cross_entropy_loss(logits, labels)
+        loss = self.cross_entropy(logits, labels)
         self._record("lm_loss", loss, labels)
         if mtp_logits and self.mtp_loss_weight > 0:
             mtp = 0.0
             for k, m in enumerate(mtp_logits):
-                mtp_k = mtp_cross_entropy(m, labels, k + 1)
+                mtp_k = mtp_cross_entropy(m, labels, k + 1, self.cross_entropy)
                 self._record("mtp_loss", mtp_k, labels[:, k + 1 :])
                 mtp = mtp + mtp_k
             loss = loss + mtp * (self.mtp_loss_weight / len(mtp_logits))
@@ -79,8 +92,11 @@ class V4Loss:
 def build_v4_loss(job_config: JobConfig, **kwargs) -> V4Loss:
     del kwargs
     weight = float(v4_settings(job_config).mtp_loss_weight)
-    logger.info(f"V4 loss: cross-entropy + {weight} x MTP cross-entropy (sum; normalised by the trainer)")
-    return V4Loss(weight)
+    compiled = job_config.compile.enable and "loss" in job_config.compile.components
+    backend = job_config.compile.backend if compiled else None
+    how = f"compiled ({backend})" if compiled else "eager"
+    logger.info(f"V4 loss: cross-entropy + {weight} x MTP cross-entropy (sum; normalised by the trainer), {how}")
+    return V4Loss(weight, compile_backend=backend)
 
 
 __all__ = ["IGNORE_INDEX", "V4Loss", "build_v4_loss", "mtp_cross_entropy"]
