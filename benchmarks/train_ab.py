@@ -5,7 +5,8 @@ eager and compiled, each as a real `./run_train.sh` run in this session, on this
     python benchmarks/train_ab.py ... --variants kernels-eager,kernels-compiled
 
 "reference" runs set TITAN_V4_REFERENCE_OPS=1 (custom_ops/flags.py: every v4:: op runs its eager
-reference on CUDA too); "compiled" adds --compile.enable (per-block torch.compile). For each run it
+reference on CUDA too); "compiled" adds --compile.enable (per-block torch.compile and the compiled
+cross-entropy), "eager" --compile.no-enable, whatever the config says. For each run it
 prints the median step time over steps >= 3 (from the trainer's tokens/s in
 <dump_folder>/logs/metrics.jsonl), tokens/s, TFLOP/s and MFU by the project's FLOP count
 (titan_v4/model/flops.py, the number the trainer logs as its FLOPs per token), the peak memory the
@@ -25,9 +26,9 @@ from pathlib import Path
 PEAK_FLOPS = 989e12  # H100 SXM bf16 dense (datasheet)
 MEASURED_PEAK_FLOPS = 790e12  # a large bf16 GEMM measured on the lent H100s
 VARIANTS = {
-    "reference-eager": ({"TITAN_V4_REFERENCE_OPS": "1"}, []),
+    "reference-eager": ({"TITAN_V4_REFERENCE_OPS": "1"}, ["--compile.no-enable"]),
     "reference-compiled": ({"TITAN_V4_REFERENCE_OPS": "1"}, ["--compile.enable"]),
-    "kernels-eager": ({}, []),
+    "kernels-eager": ({}, ["--compile.no-enable"]),
     "kernels-compiled": ({}, ["--compile.enable"]),
 }
 REPO = Path(__file__).resolve().parents[1]
