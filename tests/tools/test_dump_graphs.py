@@ -53,8 +53,23 @@ def test_every_block_kind_gets_its_graphs_generated_code_and_inventory(dump):
             assert (dump / kind / name).stat().st_size > 0, f"{kind}/{name}"
         # C++ kernels on the CPU, called from the generated code.
         assert re.search(r"^cpp_fused_\w+ = async_compile\.cpp", (dump / kind / "inductor_forward.py").read_text(), re.M)
-    assert sorted(p.name for p in dump.iterdir() if p.is_dir() and p.name != "job") == sorted(KINDS)
+    # The compiled cross-entropy (compile.components "loss"): one graph per head's logits shape.
+    for name in FILES[:-1]:
+        for graph in (0, 1):
+            assert (dump / "loss" / name.replace(".py", f"_{graph}.py")).stat().st_size > 0, f"loss/{name} {graph}"
+    assert "[loss](loss/kernels.md)" in index
+    assert sorted(p.name for p in dump.iterdir() if p.is_dir() and p.name != "job") == sorted([*KINDS, "loss"])
     assert "aten::" in (dump / "profile.txt").read_text()
+
+
+def test_inventory_loss(dump):
+    assert_expected_inline(summary(dump, "loss"), """\
+loss: 1 block(s) (cross_entropy)
+  dynamo graphs 2, graph breaks 0, recompiles after step 1 0
+  custom ops per block (fw/bw): none
+  generated kernels per block (fw/bw): 2/2 kernels, 2/2 calls
+  extern calls per block (fw/bw): none
+  GEMMs per block (fw/bw): 0/0; per step by input dtypes: none""")
 
 
 def test_inventory_swa_hash(dump):

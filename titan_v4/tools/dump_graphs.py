@@ -7,7 +7,8 @@ Builds the configured model with its parallelism exactly as training does (torch
 V4Trainer, on this host's CPU or GPUs), and runs two training steps with every block compiled by
 torch.compile through a recording backend (graph_recorder.py): step 1 compiles, step 2 shows
 whether anything recompiles. The process of rank 0 then writes, for each block kind
-(`<attention>-<routing>` such as `csa-learned`, and `mtp`):
+(`<attention>-<routing>` such as `csa-learned`, and `mtp`; `loss` for the compiled cross-entropy
+when `compile.components` has "loss"):
 
     DIR/<kind>/dynamo_graph.py        the graph dynamo captured (one per graph; _<i> when several)
     DIR/<kind>/aot_forward.py         AOTAutograd's forward and backward graphs, as the backend gets them
@@ -59,6 +60,7 @@ class DumpTrainer(V4Trainer):
         self.recorder = recorder
         self.profile_table = ""
         recorder.track_blocks(self.model_parts)
+        recorder.track_loss(self.loss_fn)
 
     def train_step(self, data_iterator):
         self.recorder.step = self.step

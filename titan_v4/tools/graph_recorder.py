@@ -54,6 +54,8 @@ RECORDER_BACKEND = "titan_v4_recorder"
 INNER_BACKENDS = ("inductor", "aot_eager")
 #: Where a graph compiled outside any tracked block is filed.
 OUTSIDE_BLOCKS = "outside-blocks"
+#: Where the loss's compiled cross-entropy is filed (compile.components "loss", model/loss.py).
+LOSS = "loss"
 
 
 def block_kind(block: nn.Module) -> str:
@@ -231,6 +233,24 @@ class GraphRecorder:
                     wrapper.register_forward_hook(self._exit)
         if not self.blocks:
             raise ValueError("no transformer block found in the model parts")
+
+    def track_loss(self, loss_fn) -> None:
+        """File the graphs of the loss's compiled cross-entropy (`V4Loss.cross_entropy`, one graph per
+        head's logits shape) under LOSS; an eager loss has none to file."""
+        compiled = getattr(loss_fn, "cross_entropy", None)
+        if not hasattr(compiled, "_torchdynamo_orig_callable"):
+            return
+        self.blocks[LOSS].append("cross_entropy")
+
+        @functools.wraps(compiled)
+        def tracked(*args, **kwargs):
+            self._enter(LOSS, None, args)
+            try:
+                return compiled(*args, **kwargs)
+            finally:
+                self._exit(None, args, None)
+
+        loss_fn.cross_entropy = tracked
 
     def _enter(self, kind: str, module, args) -> None:
         self._kind = kind
