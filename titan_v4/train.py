@@ -29,6 +29,8 @@ What ``V4Trainer`` adds to torchtitan 0.2.2's ``Trainer``:
 * Progress logging: a summary line at start, the step a run resumes from (and a clear line when
   the checkpoint already reached ``training.steps``), a closing line; a log file in the dump
   folder and the failing rank's error as the last line (``titan_v4/infra/run_log.py``).
+* ``train_step`` folds gradient clipping into the fused AdamW step (``titan_v4/infra/clip.py``):
+  the same clipped update with one pass over the gradients fewer.
 * Reliability (docs/reliability.md): the whole config is checked before anything is built
   (``titan_v4/checks.py``); the checkpoint to resume is checked and damaged ones are skipped
   (``titan_v4/infra/resume.py``); a NaN/inf loss or gradient stops the run before it writes a
@@ -57,6 +59,7 @@ from torchtitan.train import Trainer, main  # noqa: E402
 from titan_v4.checks import check_job_config  # noqa: E402
 from titan_v4.config import v4_settings  # noqa: E402
 from titan_v4.infra import resume, run_log  # noqa: E402
+from titan_v4.infra.clip import FoldedClipping  # noqa: E402
 from titan_v4.infra.indexer_phase import backbone_frozen, drop_backbone_grads  # noqa: E402
 from titan_v4.infra.nonfinite import NonFiniteGuard, ObserveLoss  # noqa: E402
 from titan_v4.infra.optimizer import init_optimizer_state  # noqa: E402
@@ -79,8 +82,10 @@ class V4Trainer(ObserveLoss, Trainer):
             # (titan_v4/infra/optimizer.py). A load-only run (steps 0) needs none, and a model that
             # fits only without optimizer state can still be loaded.
             init_optimizer_state(self.optimizers)
+        self.folded_clipping = FoldedClipping(self.optimizers)
         self.nonfinite_guard = NonFiniteGuard(
-            self.optimizers, self.model_parts, self.device, v4_settings(job_config).max_nonfinite_steps, lambda: self.step
+            self.optimizers, self.model_parts, self.device, v4_settings(job_config).max_nonfinite_steps,
+            lambda: self.step, grad_norm_fn=lambda: self.folded_clipping.norm,
         )
         # Out-of-range ids would index past the embedding: fail before the first step instead.
         model_vocab = getattr(self.model_args, "vocab_size", None)
@@ -142,7 +147,8 @@ class V4Trainer(ObserveLoss, Trainer):
         return loss * global_valid_tokens if self.pp_has_last_stage else loss
 
     def train_step(self, data_iterator):
-        super().train_step(data_iterator)
+        with self.folded_clipping.during_step():  # the clip's scaling done by the fused AdamW
+            super().train_step(data_iterator)
         if self.metrics_processor.should_log(self.step):
             terms = read_loss_terms(self.model_parts, self.loss_fn, self.device)
             if terms:

@@ -74,3 +74,19 @@ def test_max_nonfinite_steps_skips_that_many_updates_then_stops():
     guard.observe_loss(_backward(model, float("nan")))
     with pytest.raises(NonFiniteError):
         opt.step()
+
+
+@pytest.mark.parametrize("norm, stops", [(float("inf"), True), (float("nan"), True), (3.0, False)])
+def test_a_known_step_norm_is_checked_instead_of_the_gradients(norm, stops):
+    """With clipping folded into the optimizer (titan_v4/infra/clip.py) the step's total norm is known:
+    the guard decides on it and does not read the gradients again."""
+    model, opt = nn.Linear(3, 2), _Optimizers()
+    guard = NonFiniteGuard(opt, [model], torch.device("cpu"), 0, step_fn=lambda: 7, grad_norm_fn=lambda: torch.tensor(norm))
+    guard._local_grads_finite = lambda: pytest.fail("the gradients were read although the norm was given")
+    guard.observe_loss(_backward(model))
+    if stops:
+        with pytest.raises(NonFiniteError, match="step 7: the gradient norm is not finite"):
+            opt.step()
+    else:
+        opt.step()
+    assert opt.steps == (0 if stops else 1)

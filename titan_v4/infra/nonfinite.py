@@ -13,7 +13,10 @@ and on a non-finite value either
 
 After clipping, a non-finite total norm always leaves a non-finite gradient (NaN norm: every
 gradient is NaN; infinite norm: the clip factor is 0 and the infinite entries become NaN), so
-checking the gradients the optimizer is about to use is the same as checking the norm.
+checking the gradients the optimizer is about to use is the same as checking the norm. Where the
+step's norm is at hand (clipping folded into the optimizer, clip.py), the guard checks that norm and
+does not read the gradients again; a norm whose square overflows fp32 then also counts as
+non-finite (torchtitan's clipping would have zeroed those gradients).
 """
 
 from __future__ import annotations
@@ -31,8 +34,12 @@ class NonFiniteError(RuntimeError):
 class NonFiniteGuard:
     """Wraps ``optimizers.step``; feed it each microbatch loss through :meth:`observe_loss`."""
 
-    def __init__(self, optimizers, model_parts, device: torch.device, max_nonfinite_steps: int, step_fn) -> None:
+    def __init__(self, optimizers, model_parts, device: torch.device, max_nonfinite_steps: int, step_fn,
+                 grad_norm_fn=lambda: None) -> None:  # fmt: skip
+        """grad_norm_fn: () -> this step's total gradient norm over every rank, or None (then the
+        guard computes the local gradients' norms itself)."""
         self._model_parts = model_parts
+        self._grad_norm = grad_norm_fn
         self._device = device
         self._budget = max_nonfinite_steps
         self._current_step = step_fn  # () -> the trainer's step counter
@@ -62,7 +69,9 @@ class NonFiniteGuard:
     def _guarded_step(self, *args, **kwargs):
         loss_finite = torch.as_tensor(self._loss_finite, device=self._device)
         self._loss_finite = True
-        bad = torch.stack([~loss_finite, ~self._local_grads_finite().to(self._device)]).to(torch.int32)
+        norm = self._grad_norm()
+        grads_finite = torch.isfinite(norm) if norm is not None else self._local_grads_finite()
+        bad = torch.stack([~loss_finite, ~grads_finite.to(self._device)]).to(torch.int32)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         bad_loss, bad_grad = bool(bad[0]), bool(bad[1])
