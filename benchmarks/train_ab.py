@@ -8,7 +8,8 @@ eager and compiled, each as a real `./run_train.sh` run in this session, on this
 reference on CUDA too); "compiled" adds --compile.enable (per-block torch.compile and the compiled
 cross-entropy), "eager" --compile.no-enable, whatever the config says. For each run it
 prints the median step time over steps >= 3 (from the trainer's tokens/s in
-<dump_folder>/logs/metrics.jsonl), tokens/s, TFLOP/s and MFU by the project's FLOP count
+<dump_folder>/logs/metrics.jsonl: each logged value averages the steps since the previous logged
+one, every metrics.log_freq steps), tokens/s, TFLOP/s and MFU by the project's FLOP count
 (titan_v4/model/flops.py, the number the trainer logs as its FLOPs per token), the peak memory the
 trainer logged, and the final loss; the runs' logs are kept in DIR.
 """
