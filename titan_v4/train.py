@@ -83,6 +83,11 @@ class V4Trainer(ObserveLoss, Trainer):
             # fits only without optimizer state can still be loaded.
             init_optimizer_state(self.optimizers)
         self.folded_clipping = FoldedClipping(self.optimizers)
+        logger.info(
+            f"titan_v4: gradient clipping at training.max_norm={job_config.training.max_norm} "
+            + ("inside the fused AdamW step" if self.folded_clipping.applies
+               else "by torchtitan (the optimizer is not torch's fused Adam / AdamW)")
+        )  # fmt: skip
         self.nonfinite_guard = NonFiniteGuard(
             self.optimizers, self.model_parts, self.device, v4_settings(job_config).max_nonfinite_steps,
             lambda: self.step, grad_norm_fn=lambda: self.folded_clipping.norm,
