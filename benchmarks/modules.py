@@ -32,6 +32,7 @@ import torch
 
 import titan_v4  # noqa: F401  (installs the CPU shim where there is no CUDA)
 from titan_v4.flavors import deepseek_v4_args
+from titan_v4.infra.parallelize import compile_blocks
 from titan_v4.model.flops import count_params_and_flops
 from titan_v4.model.loss import V4Loss, cross_entropy_loss
 from titan_v4.model.model import DeepSeekV4Model
@@ -154,10 +155,7 @@ def main() -> None:
     print("timed the heads", flush=True)
 
     # The whole step as the trainer runs it, then the optimizer alone on that step's gradients.
-    for name, block in [*model.layers.named_children()]:
-        model.layers.register_module(name, torch.compile(block, fullgraph=True))
-    for name, block in [*model.mtp.named_children()]:
-        model.mtp.register_module(name, torch.compile(block, fullgraph=True))
+    compile_blocks(model, "inductor", fullgraph=True)
     loss_fn = V4Loss(0.3, compile_backend="inductor")
     params = [p for p in model.parameters()]
     len_params = sum(p.numel() for p in params)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import titan_v4  # noqa: F401  (installs the CPU shim where there is no CUDA)
 from titan_v4.flavors import deepseek_v4_args
+from titan_v4.infra.parallelize import compile_blocks
 from titan_v4.model.args import DeepSeekV4ModelArgs
 from titan_v4.model.flops import count_params_and_flops
 from titan_v4.model.hf_config import hf_config_from_args
@@ -65,10 +66,7 @@ def build(variant: str, args: DeepSeekV4ModelArgs, device: torch.device) -> torc
             model.init_weights()
         model = model.to(torch.bfloat16)
         if variant == "titan-compiled":
-            # The trainer's per-block compile (titan_v4/infra/parallelize.py): identical blocks share a graph.
-            torch._dynamo.config.capture_scalar_outputs = True
-            for name, block in model.layers.named_children():
-                model.layers.register_module(name, torch.compile(block, fullgraph=True))
+            compile_blocks(model, "inductor", fullgraph=True)  # the trainer's per-block compile
         return model.train()
     from transformers import DeepseekV4ForCausalLM
 

@@ -128,13 +128,18 @@ def apply_block_compile(model: nn.Module, job_config: JobConfig, fullgraph: bool
     fullgraph=True makes any graph break an error; it is off only where the routed experts have
     their own FSDP unit inside the block (fsdp.py).
     """
+    compile_blocks(model, job_config.compile.backend, fullgraph)
+    logger.info("Compiled each DeepSeek-V4 block with torch.compile (fullgraph=%s)", fullgraph)
+
+
+def compile_blocks(model: nn.Module, backend: str, fullgraph: bool) -> None:
+    """Replace every block of `model.layers` and `model.mtp` by its torch.compile wrapper, in place
+    (also what the benchmarks use to compile as the trainer does)."""
     # Expert parallelism reads the all-to-all split sizes back to the host (expert_parallel.py);
     # dynamo keeps them in the graph as unbacked symbolic sizes only with this on.
     torch._dynamo.config.capture_scalar_outputs = True
-    backend = job_config.compile.backend
     for container in (model.layers, model.mtp):
         if container is None:
             continue
         for name, block in container.named_children():
             container.register_module(name, torch.compile(block, backend=backend, fullgraph=fullgraph))
-    logger.info("Compiled each DeepSeek-V4 block with torch.compile (fullgraph=%s)", fullgraph)
