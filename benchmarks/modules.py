@@ -27,11 +27,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
+import torchtitan.distributed.utils as dist_utils
 
 import titan_v4  # noqa: F401  (installs the CPU shim where there is no CUDA)
 from titan_v4.flavors import deepseek_v4_args
+from titan_v4.infra.clip import FoldedClipping
 from titan_v4.infra.parallelize import compile_blocks
 from titan_v4.model.flops import count_params_and_flops
 from titan_v4.model.loss import V4Loss, cross_entropy_loss
@@ -157,7 +160,7 @@ def main() -> None:
     # The whole step as the trainer runs it, then the optimizer alone on that step's gradients.
     compile_blocks(model, "inductor", fullgraph=True)
     loss_fn = V4Loss(0.3, compile_backend="inductor")
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     len_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, fused=device.type == "cuda")
 
@@ -182,13 +185,15 @@ def main() -> None:
     norm_ms = timer.ms(lambda: torch.nn.utils.get_total_norm(grads, foreach=True))
     adam_ms = timer.ms(optimizer.step)
 
-    def adam_with_clip_folded_in():
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        optimizer.grad_scale = torch.clamp(norm + 1e-6, min=1.0)  # max_norm 1: each gradient / max(1, norm)
-        optimizer.step()
-        del optimizer.grad_scale
+    # The trainer's folded clipping (titan_v4/infra/clip.py), called as torchtitan's step calls it.
+    folded = FoldedClipping(SimpleNamespace(optimizers=[optimizer]))
 
-    fused_ms = timer.ms(adam_with_clip_folded_in) if device.type == "cuda" else float("nan")
+    def adam_with_clip_folded_in():
+        with folded.during_step():
+            dist_utils.clip_grad_norm_(params, 1.0, foreach=True)
+            optimizer.step()
+
+    fused_ms = timer.ms(adam_with_clip_folded_in) if folded.applies else float("nan")  # fused AdamW: CUDA
 
     opt_ms = clip_ms + adam_ms
     parts_ms = sum(by_part.values()) + head_ms["compiled"] + opt_ms
