@@ -1,5 +1,6 @@
 """The repository's own rules, checked on its files: imports point down (no cycle between modules
-of titan_v4 or custom_ops), and every document a comment or doc cites lives in this repository."""
+of titan_v4 or custom_ops, and no folder imports one above it: docs/design.md, "Layout"), and every
+document a comment or doc cites lives in this repository."""
 
 import ast
 import re
@@ -69,6 +70,54 @@ def test_no_import_cycles():
         if name not in state:
             visit(name)
     assert len(graph) > 20  # the walk saw the packages
+
+
+# Which folders a folder must not import from (docs/design.md, "Layout"): the rooms point down,
+# custom_ops -> model -> checkpoint / infra -> train -> tools, with data on its own beside them.
+FORBIDDEN_IMPORTS = {
+    "custom_ops": ("titan_v4",),
+    "titan_v4.model": ("titan_v4.checkpoint", "titan_v4.data", "titan_v4.infra", "titan_v4.train", "titan_v4.tools"),
+    "titan_v4.checkpoint": ("titan_v4.data", "titan_v4.infra", "titan_v4.train", "titan_v4.tools"),
+    "titan_v4.data": ("titan_v4.model", "titan_v4.checkpoint", "titan_v4.infra", "titan_v4.train", "titan_v4.tools"),
+    "titan_v4.infra": ("titan_v4.checkpoint", "titan_v4.data", "titan_v4.train", "titan_v4.tools"),
+    "titan_v4.train": ("titan_v4.tools",),
+}
+
+
+def _within(module: str, folder: str) -> bool:
+    return module == folder or module.startswith(folder + ".")
+
+
+def folder_violations(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{name} imports {target}"
+        for name, targets in sorted(graph.items())
+        for folder, banned in FORBIDDEN_IMPORTS.items()
+        if _within(name, folder)
+        for target in sorted(targets)
+        if any(_within(target, b) for b in banned)
+    ]
+
+
+def test_folders_import_only_downwards():
+    known = package_modules()
+    graph = {name: imported_modules(name, path, known) for name, path in known.items()}
+    assert folder_violations(graph) == []
+    # The rule can fail: a model module that imported the trainer would be named.
+    assert folder_violations({"titan_v4.model.moe": {"titan_v4.train.trainer"}}) == ["titan_v4.model.moe imports titan_v4.train.trainer"]
+    assert folder_violations({"custom_ops.mhc.ops": {"titan_v4.config"}}) == ["custom_ops.mhc.ops imports titan_v4.config"]
+
+
+def test_nothing_imports_the_benchmarks():
+    """benchmarks/ is a leaf: scripts run with `python -m benchmarks.<name>`, imported by no package or test."""
+    known = {module_name(p): p for p in sorted((REPO / "benchmarks").rglob("*.py"))}
+    assert known, "no benchmarks found"
+    importers = []
+    for folder in (*PACKAGES, "tests"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if imported_modules(module_name(path), path, known):
+                importers.append(str(path.relative_to(REPO)))
+    assert importers == []
 
 
 def scanned_files() -> list[Path]:

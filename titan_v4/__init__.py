@@ -15,15 +15,15 @@ if not torch.cuda.is_available():
 from torchtitan.components.lr_scheduler import build_lr_schedulers  # noqa: E402
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec  # noqa: E402
 
+from titan_v4.checkpoint.state_dict_adapter import DeepSeekV4StateDictAdapter  # noqa: E402
 from titan_v4.data import build_v4_dataloader, build_v4_tokenizer  # noqa: E402
 from titan_v4.flavors import deepseek_v4_args  # noqa: E402
-from titan_v4.infra.metrics import build_v4_metrics_processor  # noqa: E402
-from titan_v4.infra.optimizer import build_v4_optimizers  # noqa: E402
 from titan_v4.infra.parallelize import parallelize_deepseek_v4  # noqa: E402
 from titan_v4.infra.pipeline import pipeline_deepseek_v4  # noqa: E402
 from titan_v4.model.loss import build_v4_loss  # noqa: E402
 from titan_v4.model.model import DeepSeekV4Model  # noqa: E402
-from titan_v4.model.state_dict_adapter import DeepSeekV4StateDictAdapter  # noqa: E402
+from titan_v4.train.metrics import build_v4_metrics_processor  # noqa: E402
+from titan_v4.train.optimizer import build_v4_optimizers  # noqa: E402
 
 MODEL_NAME = "deepseek_v4"
 

@@ -7,7 +7,7 @@ TOML ``[v4]`` table and from the command line as ``--v4.<field>``.
 
 Data settings live here, not in ``[training]``: titan-v4's dataloader does not read torchtitan's
 ``training.dataset`` / ``training.dataset_path`` / ``model.tokenizer_path``, and refuses them when
-set (titan_v4/checks.py) so they are never silently ignored.
+set (titan_v4/train/checks.py) so they are never silently ignored.
 """
 
 # No `from __future__ import annotations`: torchtitan's ConfigManager rebuilds these dataclasses with
@@ -24,6 +24,11 @@ INDEXER_PHASES = (FROZEN, DENSE, WARMUP, SPARSE)
 
 class V4ConfigError(ValueError):
     """A bad ``[v4]`` setting; the message names the field, the value and what is allowed."""
+
+
+class JobConfigError(ValueError):
+    """A bad setting of any section (titan_v4/train/checks.py, the parallel layout's checks in
+    titan_v4/infra/); the message names the setting, the value and what is allowed."""
 
 
 @dataclass

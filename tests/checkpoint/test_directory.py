@@ -7,11 +7,11 @@ import torch
 from tests.helpers.initial_load import load_like_torchtitan
 from tests.helpers.official_checkpoint import official_weights, write_official
 from titan_v4.checkpoint.directory import CheckpointDirectory, CheckpointMismatchError
+from titan_v4.checkpoint.hf_config import hf_config_from_args
 from titan_v4.checkpoint.safetensors_file import SafetensorsFormatError
+from titan_v4.checkpoint.state_dict_adapter import expected_hf_tensors
 from titan_v4.flavors import deepseek_v4_args
-from titan_v4.model.hf_config import hf_config_from_args
 from titan_v4.model.model import DeepSeekV4Model
-from titan_v4.model.state_dict_adapter import expected_hf_tensors
 
 ARGS = deepseek_v4_args["debugmodel"].replace(max_seq_len=64)
 WEIGHTS = official_weights(ARGS, seed=0)

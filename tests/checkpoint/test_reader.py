@@ -6,17 +6,16 @@ checkpoint with its own renaming (conversion_mapping), and the titan model loade
 quantised files must hold exactly its weights and give its logits. The MTP block (which HF does
 not load) is compared name by name."""
 
-import numpy as np
 import pytest
 import torch
 
 from tests.helpers.initial_load import load_like_torchtitan
 from tests.helpers.official_checkpoint import as_torch, official_weights, write_official
 from tests.helpers.tolerances import TOLERANCES, errors
+from titan_v4.checkpoint.hf_config import hf_config_from_args
+from titan_v4.checkpoint.state_dict_adapter import DeepSeekV4StateDictAdapter
 from titan_v4.flavors import deepseek_v4_args
-from titan_v4.model.hf_config import hf_config_from_args
 from titan_v4.model.model import DeepSeekV4Model
-from titan_v4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
 transformers = pytest.importorskip("transformers", minversion="5.9")
 

@@ -3,8 +3,8 @@ CheckpointManager does with `[checkpoint] initial_load_in_hf = true`."""
 
 import torch.distributed.checkpoint as dcp
 
+from titan_v4.checkpoint.state_dict_adapter import DeepSeekV4StateDictAdapter
 from titan_v4.model.model import DeepSeekV4Model
-from titan_v4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
 
 def load_like_torchtitan(model: DeepSeekV4Model, path) -> None:

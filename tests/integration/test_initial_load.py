@@ -14,8 +14,8 @@ import torch.distributed.checkpoint as dcp
 from tests.helpers.initial_load import load_like_torchtitan
 from tests.helpers.official_checkpoint import official_weights, write_official
 from tests.helpers.train_runner import run_train
+from titan_v4.checkpoint.hf_config import hf_config_from_args
 from titan_v4.flavors import deepseek_v4_args
-from titan_v4.model.hf_config import hf_config_from_args
 from titan_v4.model.model import DeepSeekV4Model
 
 ARGS = deepseek_v4_args["debugmodel"].replace(max_seq_len=64)

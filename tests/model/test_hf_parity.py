@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from tests.helpers.tolerances import TOLERANCES, errors
-from titan_v4.model.hf_config import args_from_hf_config
+from titan_v4.checkpoint.hf_config import args_from_hf_config
+from titan_v4.checkpoint.state_dict_adapter import DeepSeekV4StateDictAdapter
 from titan_v4.model.model import DeepSeekV4Model
-from titan_v4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
 transformers = pytest.importorskip("transformers", minversion="5.9")
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402

@@ -46,7 +46,7 @@ def test_negative_mtp_weight_is_refused_by_name():
 
 def test_v4_loss_records_each_term_per_token():
     """read_values: the detached sums of the LM and MTP cross-entropies and their token counts, reset
-    after each read (titan_v4/loss_terms.py logs sum / count)."""
+    after each read (titan_v4/train/loss_terms.py logs sum / count)."""
     g = torch.Generator().manual_seed(2)
     labels = torch.randint(0, VOCAB, (2, 8), generator=g)
     labels[0, 0] = IGNORE_INDEX

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.tiny_model import close, randomize_, tiny_args
+from titan_v4.checkpoint.hf_config import args_from_hf_config
 from titan_v4.flavors import deepseek_v4_args
 from titan_v4.model import moe as moe_module
-from titan_v4.model.hf_config import args_from_hf_config
 from titan_v4.model.moe import (
     ClampedGroupedExperts,
     V4MoE,

@@ -15,14 +15,15 @@ import torch.distributed.checkpoint as dcp
 from tests.helpers.initial_load import load_like_torchtitan
 from tests.helpers.official_checkpoint import as_torch, official_weights, write_official
 from tests.helpers.tolerances import TOLERANCES, errors
+from titan_v4.checkpoint.conversion import block_of, convert
 from titan_v4.checkpoint.directory import CheckpointMismatchError
+from titan_v4.checkpoint.hf_config import hf_config_from_args
 from titan_v4.checkpoint.safetensors_file import read_header, write_file
+from titan_v4.checkpoint.state_dict_adapter import expected_hf_tensors
 from titan_v4.flavors import deepseek_v4_args
 from titan_v4.model.attn_kinds import CSA, HCA, SWA
-from titan_v4.model.hf_config import hf_config_from_args
 from titan_v4.model.model import DeepSeekV4Model
-from titan_v4.model.state_dict_adapter import expected_hf_tensors
-from titan_v4.tools.convert import block_of, convert, main
+from titan_v4.tools.convert import main
 
 ARGS = deepseek_v4_args["debugmodel"].replace(max_seq_len=64, clamp_shared_experts=True)
 
@@ -94,10 +95,18 @@ def test_wrong_inputs_are_refused(official, tmp_path):
     with pytest.raises(CheckpointMismatchError, match="config.json: vocab_size = 2048, but the configured model has vocab_size = 129280"):
         convert(path, "official", tmp_path / "b", "hf", flavor="flash")
     convert(path, "official", tmp_path / "dcp", "dcp")
-    with pytest.raises(SystemExit, match="has no config.json: name the model with --flavor"):
+    with pytest.raises(CheckpointMismatchError, match="has no config.json: name the model with --flavor"):
         convert(tmp_path / "dcp", "dcp", tmp_path / "c", "hf")
     with pytest.raises(SystemExit):
         main(["--input", str(path), "--input-format", "official", "--output", str(tmp_path / "dcp"), "--output-format", "hf"])
+    # A missing or wrong --input is named as such, as the last line and without a traceback.
+    missing = tmp_path / "nonexistent"
+    for fmt in ("official", "hf", "dcp"):
+        with pytest.raises(SystemExit, match=f"^convert: {re.escape(str(missing))} does not exist$"):
+            main(["--input", str(missing), "--input-format", fmt, "--output", str(tmp_path / "e"), "--output-format", "hf"])
+    a_file = tmp_path / "dcp" / ".metadata"
+    with pytest.raises(SystemExit, match=f"^convert: {re.escape(str(a_file))} is not a directory$"):
+        main(["--input", str(a_file), "--input-format", "dcp", "--output", str(tmp_path / "f"), "--output-format", "hf", "--flavor", "debugmodel"])
 
 
 def write_random_hf(path, args) -> int:

@@ -1,7 +1,3 @@
-"""Reading released DeepSeek-V4 checkpoints (official and HF layouts) into titan-v4, and writing them.
-
-names.py (the three spellings of every tensor), safetensors_file.py (the file format),
-quantization.py (FP8 / FP4 decoding), source.py (where one tensor's values come from),
-directory.py (a checkpoint directory checked against the model), reader.py (the DCP reader
-torchtitan loads through), synthetic.py (random official-layout checkpoints for benchmarks).
-"""
+"""Every checkpoint format: released DeepSeek-V4 checkpoints (official FP8 / FP4 and HF layouts), the
+HF config translation, the state-dict adapter torchtitan loads through, and conversion between the
+official, HF and DCP layouts (docs/design.md lists the files; docs/deepseek_v4.md the format)."""

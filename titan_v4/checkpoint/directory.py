@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from titan_v4.checkpoint.hf_config import config_fields
 from titan_v4.model.args import DeepSeekV4ModelArgs, ModelArgsError
-from titan_v4.model.hf_config import config_fields
 
 from . import names
 from .quantization import FP4_GROUP, FP8_BLOCK

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from titan_v4.checkpoint.hf_config import hf_config_from_args
+from titan_v4.checkpoint.state_dict_adapter import expected_hf_tensors
 from titan_v4.model.args import DeepSeekV4ModelArgs
-from titan_v4.model.hf_config import hf_config_from_args
-from titan_v4.model.state_dict_adapter import expected_hf_tensors
 
 from . import names
 from .directory import CONFIG_FILE, INDEX_FILE

@@ -29,8 +29,8 @@ What breaks on a CPU-only machine, and what each patch does:
    for-loop experts slice with the result, so the dtype must match).
 
 Not patched, harmless: "Peak flops undefined for: cpu" (MFU is meaningless on a CPU) and
-memory reading 0 GiB; titan_v4/infra/run_log.py drops those log lines and
-titan_v4/infra/metrics.py leaves memory and MFU out of the CPU metrics line. Use ``--training.mixed_precision_param float32`` on a CPU: single-process
+memory reading 0 GiB; titan_v4/train/run_log.py drops those log lines and
+titan_v4/train/metrics.py leaves memory and MFU out of the CPU metrics line. Use ``--training.mixed_precision_param float32`` on a CPU: single-process
 runs use bf16 autocast otherwise, which is ~12x slower there.
 """
 

@@ -25,7 +25,7 @@ from torchtitan.models.llama3.infra.parallelize import apply_ddp
 from torchtitan.tools.logging import logger
 
 import custom_ops  # noqa: F401  (registers torch.ops.v4.*)
-from titan_v4.checks import check_model_parallelism
+from titan_v4.config import JobConfigError
 from titan_v4.model.moe import V4MoE
 
 from .expert_parallel import apply_expert_parallel
@@ -103,6 +103,17 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
     elif parallel_dims.dp_replicate_enabled:
         apply_v4_ddp(model, parallel_dims.get_mesh("dp_replicate"), enable_compile=compile_model)
     return model
+
+
+def check_model_parallelism(n_routed_experts: int, expert_parallel_degree: int) -> None:
+    """The expert-parallel degree must split the routed experts evenly (the config-only checks run
+    earlier, in titan_v4/train/checks.py)."""
+    if expert_parallel_degree > 1 and n_routed_experts % expert_parallel_degree:
+        divisors = [d for d in range(1, n_routed_experts + 1) if n_routed_experts % d == 0]
+        raise JobConfigError(
+            f"parallelism.expert_parallel_degree={expert_parallel_degree} is invalid: the model has "
+            f"{n_routed_experts} routed experts; allowed values are their divisors {divisors}"
+        )
 
 
 def _routed_experts(model: nn.Module) -> int | None:

@@ -17,8 +17,8 @@ The model's forward (model/model.py) passes one tensor between stages: the hc re
 followed by the embedded next tokens the MTP blocks need, [B, S, hc + mtp_depth, D]. The MTP
 blocks therefore use the one embedding of the first stage, and its MTP gradient returns through the
 pipeline's backward: no second copy of the embedding, nothing to synchronise. Token ids reach the
-hash-routed layers of every stage as the keyword argument `token_ids` (titan_v4/train.py); the
-gradient-scale fix for 0.2.2's pipelined loss is in titan_v4/train.py too.
+hash-routed layers of every stage as the keyword argument `token_ids` (titan_v4/train/trainer.py); the
+gradient-scale fix for 0.2.2's pipelined loss is in titan_v4/train/trainer.py too.
 
 Design notes: docs/design.md, "Pipeline parallelism".
 """
@@ -207,7 +207,7 @@ def keep_counters_through_shape_inference(stage, loss_fn=None) -> None:
     """Make the stage's shape inference leave the model's running counters and the loss's records
     as they were.
 
-    The MoE expert loads drive the aux-loss-free bias update (titan_v4/infra/optimizer.py); the
+    The MoE expert loads drive the aux-loss-free bias update (titan_v4/train/optimizer.py); the
     auxiliary losses' sums and the loss function's per-term records feed the training log
     (titan_v4/model/aux_loss.py, titan_v4/model/loss.py). The inference would add a placeholder
     batch to all of them (or, on the first stage, the first microbatch again).

@@ -4,7 +4,7 @@ The MoE sequence balance loss and the lightning indexer's KL loss are computed i
 of returning them to the loss function (which under pipeline parallelism lives on another stage), the
 layer attaches each one to its output with an identity whose backward also sends gradient
 ``weight * grad_scale`` into the loss. ``grad_scale`` is the microbatch's share of the step's tokens,
-set by the trainer (titan_v4/train.py) before each microbatch, so an auxiliary loss averages over
+set by the trainer (titan_v4/train/trainer.py) before each microbatch, so an auxiliary loss averages over
 gradient-accumulation microbatches, pipeline microbatches and data-parallel ranks like the
 token-normalised LM loss.
 

@@ -4,15 +4,14 @@ torchtitan divides what the loss function returns by the global number of valid 
 tokens, so the loss is a SUM. The sequence-wise balance loss and the indexer's KL loss are not here:
 each layer attaches its own to its output's gradient (aux_loss.py), which also works under pipeline
 parallelism. The loss records the detached sums of its two terms for the training log
-(titan_v4/loss_terms.py).
+(titan_v4/train/loss_terms.py).
 
 With ``compile.enable`` and "loss" in ``compile.components`` (torchtitan's default) each head's
 cross-entropy is one compiled function: the compiler fuses the fp32 upcast, log-softmax and the
 target gather, keeps the bf16 logits and the per-row log-sum-exp for the backward instead of an fp32
-log-softmax, and writes the bf16 logit gradient in one pass. At the flash_proxy shape (4096 x 129,280
-logits per head, two heads) each head then holds about 1 GiB across the backward (its bf16 logits)
-instead of 2 GiB (an fp32 log-softmax), and the step runs 6 % faster
-(docs/perf/2026-11-27-step-h100.md).
+log-softmax, and writes the bf16 logit gradient in one pass: each head holds half the bytes across
+the backward (bf16 logits instead of an fp32 log-softmax) and reads its logits once fewer. How much
+that saves on flash_proxy is measured in docs/perf/2026-11-27-step-h100.md.
 """
 
 from __future__ import annotations

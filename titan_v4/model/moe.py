@@ -243,7 +243,7 @@ class V4MoE(MoE):
             route_scale=args.route_scale,
             score_before_experts=False,
             top_k=args.n_activated_experts,
-            # The bias-update speed (titan_v4/infra/optimizer.py); hash layers keep the (unused) bias.
+            # The bias-update speed (titan_v4/train/optimizer.py); hash layers keep the (unused) bias.
             load_balance_coeff=args.load_balance_coeff,
         )
         super().__init__(moe_args, dim=args.dim, hidden_dim=args.moe_inter_dim)

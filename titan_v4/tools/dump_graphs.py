@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from titan_v4.train import V4Trainer  # first: installs the CPU shim before torchtitan is imported
+from titan_v4.train.trainer import V4Trainer  # first: installs the CPU shim before torchtitan is imported
 
 from torchtitan.config import ConfigManager  # noqa: E402
 from torchtitan.tools.logging import init_logger, logger  # noqa: E402

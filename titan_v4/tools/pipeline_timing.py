@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from titan_v4.train import V4Trainer, main  # noqa: I001  (installs the CPU shim before torchtitan)
+from titan_v4.train.trainer import V4Trainer, main  # noqa: I001  (installs the CPU shim before torchtitan)
 
 from titan_v4.infra.pipeline import pipeline_stages
 

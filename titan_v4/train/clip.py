@@ -5,8 +5,7 @@ every gradient by min(1, max_norm / (norm + 1e-6)) (a read and a write), then th
 them again. torch's fused Adam / AdamW kernels take a ``grad_scale`` tensor and divide each gradient
 by it as they read it (the mechanism of ``torch.amp.GradScaler``), so passing
 ``max(1, (norm + 1e-6) / max_norm)`` applies the same clipping inside the optimizer's own pass.
-On flash_proxy on one H100 the separate scaling pass costs 11.7 ms a step and the folded update
-6.1 ms less than scaling + AdamW (``benchmarks/modules.py``; docs/perf/2026-11-27-step-h100.md).
+What that saves a step is measured by ``python -m benchmarks.modules`` (docs/perf/2026-11-27-step-h100.md).
 
 :class:`FoldedClipping` stands in for torchtitan's ``clip_grad_norm_`` during the trainer's step (the
 step looks the function up in ``torchtitan.distributed.utils`` when it calls it): it returns the

@@ -1,11 +1,11 @@
-"""titan_v4.infra.indexer_phase: in the warmup phase only the indexers keep their gradients."""
+"""titan_v4.train.indexer_phase: in the warmup phase only the indexers keep their gradients."""
 
 import pytest
 import torch
 
 from tests.helpers.tiny_model import tiny_args
-from titan_v4.infra.indexer_phase import backbone_frozen, drop_backbone_grads, indexer_phase
 from titan_v4.model.model import DeepSeekV4Model
+from titan_v4.train.indexer_phase import backbone_frozen, drop_backbone_grads, indexer_phase
 
 
 @pytest.mark.parametrize("phase", ["frozen", "dense", "warmup", "sparse"])

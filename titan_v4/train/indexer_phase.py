@@ -7,7 +7,7 @@ phase decides which parameters get gradients instead:
 * frozen: the indexer runs without a graph, so its parameters get no gradient;
 * warmup: the model's backward still runs (it carries each CSA layer's KL gradient, attached to the
   layer's output), then every non-indexer gradient is dropped before clipping and the optimizer step,
-  and the expert biases do not move (titan_v4/infra/optimizer.py): only the indexer trains;
+  and the expert biases do not move (titan_v4/train/optimizer.py): only the indexer trains;
 * dense / sparse: everything trains (the indexer by its KL only: its inputs are detached).
 """
 

@@ -1,4 +1,4 @@
-"""titan_v4.infra.optimizer: aux-loss-free expert balancing over every learned-routing MoE layer
+"""titan_v4.train.optimizer: aux-loss-free expert balancing over every learned-routing MoE layer
 (MTP included), hooked into the TrainSpec's optimizer builder; optimizer states created up front."""
 
 import types
@@ -7,9 +7,9 @@ import torch
 
 import titan_v4
 from titan_v4.flavors import deepseek_v4_args
-from titan_v4.infra.optimizer import build_v4_optimizers, init_optimizer_state, update_expert_bias
 from titan_v4.model.model import DeepSeekV4Model
 from titan_v4.model.moe import moe_layers
+from titan_v4.train.optimizer import build_v4_optimizers, init_optimizer_state, update_expert_bias
 
 SINGLE_PROCESS = types.SimpleNamespace(get_optional_mesh=lambda name: None)
 

@@ -1,4 +1,4 @@
-"""titan_v4.infra.resume: the checkpoint a run resumes from is intact and fits, or the run is told
+"""titan_v4.train.resume: the checkpoint a run resumes from is intact and fits, or the run is told
 why (torchtitan 0.2.2: EOFError without a file name, a silent load into a smaller model, or
 "Missing key ... dataloader.dp_rank_1")."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from titan_v4.infra.resume import ResumeError, find_damage, plan_resume
+from titan_v4.train.resume import ResumeError, find_damage, plan_resume
 
 
 def _model_state(layers=2, width=4):

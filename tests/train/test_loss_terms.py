@@ -1,11 +1,11 @@
-"""titan_v4.loss_terms: the loss-term line of the training log (single process)."""
+"""titan_v4.train.loss_terms: the loss-term line of the training log (single process)."""
 
 import pytest
 import torch
 
-from titan_v4.loss_terms import format_loss_terms, read_loss_terms
 from titan_v4.model.aux_loss import AuxLoss
 from titan_v4.model.loss import V4Loss
+from titan_v4.train.loss_terms import format_loss_terms, read_loss_terms
 
 
 def test_terms_are_means_over_records_and_absent_terms_are_left_out():

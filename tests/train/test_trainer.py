@@ -1,4 +1,4 @@
-"""titan_v4.train.V4Trainer's pipeline-parallel glue, checked on torchtitan's llama3 debug model
+"""titan_v4.train.trainer.V4Trainer's pipeline-parallel glue, checked on torchtitan's llama3 debug model
 (tests/helpers/llama3_ids_plugin.py) with two CPU processes: token ids reach both stages, and PP
 gradients are token-normalised."""
 

@@ -1,12 +1,12 @@
-"""titan_v4.model.hf_config: the released configs map onto the flavors; what cannot be built is refused."""
+"""titan_v4.checkpoint.hf_config: the released configs map onto the flavors; what cannot be built is refused."""
 
 import dataclasses
 
 import pytest
 
+from titan_v4.checkpoint.hf_config import args_from_hf_config, config_fields, hf_config_from_args
 from titan_v4.flavors import deepseek_v4_args
 from titan_v4.model.args import DeepSeekV4ModelArgs, ModelArgsError
-from titan_v4.model.hf_config import args_from_hf_config, config_fields, hf_config_from_args
 
 
 FLASH_HF_CONFIG = {  # V4-Flash config.json (docs/deepseek_v4.md)

@@ -3,8 +3,8 @@ inference code's `inference/config.json` (docs/deepseek_v4.md lists both)."""
 
 from __future__ import annotations
 
-from .args import DeepSeekV4ModelArgs, ModelArgsError
-from .attn_kinds import CSA, HCA, SWA
+from titan_v4.model.args import DeepSeekV4ModelArgs, ModelArgsError
+from titan_v4.model.attn_kinds import CSA, HCA, SWA
 
 
 def args_from_hf_config(d: dict, **overrides) -> DeepSeekV4ModelArgs:

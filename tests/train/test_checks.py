@@ -1,11 +1,13 @@
-"""titan_v4.checks: a wrong setting stops the run at start-up with one message naming the setting,
+"""titan_v4.train.checks: a wrong setting stops the run at start-up with one message naming the setting,
 the value and what is allowed (each case failed late, unclearly or not at all on torchtitan 0.2.2)."""
 
 import pytest
 
 import titan_v4  # noqa: F401  (registers the train spec; CPU shim)
 from tests.helpers.job_config import job_config
-from titan_v4.checks import JobConfigError, check_job_config, check_model_parallelism
+from titan_v4.config import JobConfigError
+from titan_v4.infra.parallelize import check_model_parallelism
+from titan_v4.train.checks import check_job_config
 
 
 def _check(*args, world_size=1):

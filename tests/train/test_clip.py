@@ -1,11 +1,11 @@
-"""titan_v4.infra.clip: clipping through the fused AdamW's grad_scale gives torchtitan's clipped update."""
+"""titan_v4.train.clip: clipping through the fused AdamW's grad_scale gives torchtitan's clipped update."""
 
 import pytest
 import torch
 import torchtitan.distributed.utils as dist_utils
 from torch import nn
 
-from titan_v4.infra.clip import FoldedClipping, total_grad_norm
+from titan_v4.train.clip import FoldedClipping, total_grad_norm
 
 
 class _Container:  # the part of torchtitan's OptimizersContainer that FoldedClipping reads

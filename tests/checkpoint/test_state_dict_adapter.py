@@ -4,9 +4,9 @@ errors."""
 import pytest
 import torch
 
+from titan_v4.checkpoint.state_dict_adapter import DeepSeekV4StateDictAdapter
 from titan_v4.flavors import deepseek_v4_args
 from titan_v4.model.model import DeepSeekV4Model
-from titan_v4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
 
 @pytest.fixture(scope="module")

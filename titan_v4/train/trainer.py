@@ -1,4 +1,5 @@
-"""Entry point: ``python -m titan_v4.train --job.config_file X.toml [--section.field value ...]``.
+"""V4Trainer and :func:`run`, what ``python -m titan_v4.train --job.config_file X.toml [--section.field
+value ...]`` runs (titan_v4/train/__main__.py).
 
 Normally started by ``./run_train.sh`` through torchrun. It is torchtitan's ``main`` with
 :class:`V4Trainer`, plus the CPU shim on machines without CUDA (the shim must patch torchtitan
@@ -21,20 +22,20 @@ What ``V4Trainer`` adds to torchtitan 0.2.2's ``Trainer``:
   gradient) to this microbatch's share of the step's valid tokens, so it averages over gradient-accumulation microbatches, pipeline
   microbatches and data-parallel ranks exactly like the token-normalised LM loss.
 * In the indexer's warmup phase ``forward_backward_step`` drops every non-indexer gradient after the
-  backward (titan_v4/infra/indexer_phase.py), so only the indexer trains.
-* After torchtitan's step line, a line with each loss term (titan_v4/loss_terms.py): LM, MTP,
+  backward (titan_v4/train/indexer_phase.py), so only the indexer trains.
+* After torchtitan's step line, a line with each loss term (titan_v4/train/loss_terms.py): LM, MTP,
   balance and indexer losses and the indexer's recall.
 * A check that the tokenizer's ids fit the model's vocabulary (on CUDA an out-of-range id is a
   device-side assert far from its cause).
 * Progress logging: a summary line at start, the step a run resumes from (and a clear line when
   the checkpoint already reached ``training.steps``), a closing line; a log file in the dump
-  folder and the failing rank's error as the last line (``titan_v4/infra/run_log.py``).
-* ``train_step`` folds gradient clipping into the fused AdamW step (``titan_v4/infra/clip.py``):
+  folder and the failing rank's error as the last line (``titan_v4/train/run_log.py``).
+* ``train_step`` folds gradient clipping into the fused AdamW step (``titan_v4/train/clip.py``):
   the same clipped update with one pass over the gradients fewer.
 * Reliability (docs/reliability.md): the whole config is checked before anything is built
-  (``titan_v4/checks.py``); the checkpoint to resume is checked and damaged ones are skipped
-  (``titan_v4/infra/resume.py``); a NaN/inf loss or gradient stops the run before it writes a
-  checkpoint (``titan_v4/infra/nonfinite.py``); ``keep_latest_k`` also applies to the final save.
+  (``titan_v4/train/checks.py``); the checkpoint to resume is checked and damaged ones are skipped
+  (``titan_v4/train/resume.py``); a NaN/inf loss or gradient stops the run before it writes a
+  checkpoint (``titan_v4/train/nonfinite.py``); ``keep_latest_k`` also applies to the final save.
 """
 
 import os
@@ -56,15 +57,15 @@ from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
 from torchtitan.tools.logging import logger  # noqa: E402
 from torchtitan.train import Trainer, main  # noqa: E402
 
-from titan_v4.checks import check_job_config  # noqa: E402
 from titan_v4.config import v4_settings  # noqa: E402
-from titan_v4.infra import resume, run_log  # noqa: E402
-from titan_v4.infra.clip import FoldedClipping  # noqa: E402
-from titan_v4.infra.indexer_phase import backbone_frozen, drop_backbone_grads  # noqa: E402
-from titan_v4.infra.nonfinite import NonFiniteGuard, ObserveLoss  # noqa: E402
-from titan_v4.infra.optimizer import init_optimizer_state  # noqa: E402
-from titan_v4.loss_terms import format_loss_terms, read_loss_terms  # noqa: E402
 from titan_v4.model.aux_loss import set_aux_loss_scale  # noqa: E402
+from titan_v4.train import resume, run_log  # noqa: E402
+from titan_v4.train.checks import check_job_config  # noqa: E402
+from titan_v4.train.clip import FoldedClipping  # noqa: E402
+from titan_v4.train.indexer_phase import backbone_frozen, drop_backbone_grads  # noqa: E402
+from titan_v4.train.loss_terms import format_loss_terms, read_loss_terms  # noqa: E402
+from titan_v4.train.nonfinite import NonFiniteGuard, ObserveLoss  # noqa: E402
+from titan_v4.train.optimizer import init_optimizer_state  # noqa: E402
 
 if not torch.cuda.is_available():
     run_log.quiet_cpu_noise()
@@ -79,7 +80,7 @@ class V4Trainer(ObserveLoss, Trainer):
         super().__init__(job_config)
         if job_config.training.steps > 0:
             # Before any checkpoint is loaded, so that a checkpoint has a state for every parameter
-            # (titan_v4/infra/optimizer.py). A load-only run (steps 0) needs none, and a model that
+            # (titan_v4/train/optimizer.py). A load-only run (steps 0) needs none, and a model that
             # fits only without optimizer state can still be loaded.
             init_optimizer_state(self.optimizers)
         self.folded_clipping = FoldedClipping(self.optimizers)
@@ -195,6 +196,3 @@ def run() -> None:
         run_log.record_failure(e)
         raise
 
-
-if __name__ == "__main__":
-    run()

@@ -35,9 +35,8 @@ from torchtitan.tools.logging import logger
 
 from titan_v4.checkpoint import names
 from titan_v4.checkpoint.reader import CheckpointReader
-
-from .args import DeepSeekV4ModelArgs
-from .model import DeepSeekV4Model
+from titan_v4.model.args import DeepSeekV4ModelArgs
+from titan_v4.model.model import DeepSeekV4Model
 
 
 @dataclass(frozen=True)

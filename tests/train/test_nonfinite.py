@@ -1,11 +1,11 @@
-"""titan_v4.infra.nonfinite.NonFiniteGuard: a NaN/inf loss or gradient stops the run before the
+"""titan_v4.train.nonfinite.NonFiniteGuard: a NaN/inf loss or gradient stops the run before the
 update (and so before the step's checkpoint), or is skipped up to v4.max_nonfinite_steps times."""
 
 import pytest
 import torch
 from torch import nn
 
-from titan_v4.infra.nonfinite import NonFiniteError, NonFiniteGuard
+from titan_v4.train.nonfinite import NonFiniteError, NonFiniteGuard
 
 
 class _Optimizers:
@@ -78,7 +78,7 @@ def test_max_nonfinite_steps_skips_that_many_updates_then_stops():
 
 @pytest.mark.parametrize("norm, stops", [(float("inf"), True), (float("nan"), True), (3.0, False)])
 def test_a_known_step_norm_is_checked_instead_of_the_gradients(norm, stops):
-    """With clipping folded into the optimizer (titan_v4/infra/clip.py) the step's total norm is known:
+    """With clipping folded into the optimizer (titan_v4/train/clip.py) the step's total norm is known:
     the guard decides on it and does not read the gradients again."""
     model, opt = nn.Linear(3, 2), _Optimizers()
     guard = NonFiniteGuard(opt, [model], torch.device("cpu"), 0, step_fn=lambda: 7, grad_norm_fn=lambda: torch.tensor(norm))

@@ -1,4 +1,4 @@
-"""titan_v4.infra.run_log: the one-line error summaries run_train.sh prints last, the log file, and
+"""titan_v4.train.run_log: the one-line error summaries run_train.sh prints last, the log file, and
 the CPU noise filter."""
 
 import logging
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from titan_v4.infra import run_log
+from titan_v4.train import run_log
 
 TYRO_BOX = """\
 ╭─ Value error ────────────────────────────────────────────────────────────────╮

@@ -6,7 +6,7 @@ torchtitan's `build_optimizers_with_moe_load_balancing` walks `model.layers` onl
 block's correction bias would never move, and it updates the (unused) bias of hash-routed layers.
 
 A parameter that gets no gradient (the indexer in the frozen phase, the backbone in the warmup
-phase: titan_v4/infra/indexer_phase.py) would get no optimizer state, and a checkpoint without it
+phase: titan_v4/train/indexer_phase.py) would get no optimizer state, and a checkpoint without it
 cannot be loaded by a run whose optimizer has it (the distributed checkpoint asks for every key),
 so a run could not resume across a phase switch. `init_optimizer_state` therefore creates every
 state up front (V4Trainer calls it before any checkpoint is loaded, unless training.steps is 0),
@@ -23,8 +23,8 @@ from torchtitan.components.optimizer import OptimizersContainer, build_optimizer
 from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
 
-from titan_v4.infra.indexer_phase import backbone_frozen
 from titan_v4.model.moe import V4MoE, moe_layers
+from titan_v4.train.indexer_phase import backbone_frozen
 
 
 @torch.no_grad()

@@ -8,8 +8,8 @@ are silently ignored. :func:`check_job_config` runs before anything is built (V4
 first thing in ``init_distributed``) and raises :class:`JobConfigError` with one message that
 names the setting, the value and what is allowed.
 
-The model-dependent checks (an expert-parallel degree must divide the routed experts) are in
-:func:`check_model_parallelism`, called by ``parallelize_deepseek_v4`` before it shards anything.
+The model-dependent check (an expert-parallel degree must divide the routed experts) is
+``check_model_parallelism`` in titan_v4/infra/parallelize.py, run before anything is sharded.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from titan_v4.config import JobConfigError
+
 #: torchtitan 0.2.2's ``training.dataset`` default; any other value would be ignored by titan_v4.
 _TORCHTITAN_DEFAULT_DATASET = "c4_test"
-
-
-class JobConfigError(ValueError):
-    """A bad setting; the message names the setting, the value and what is allowed."""
 
 
 def check_job_config(job_config, world_size: int) -> None:
@@ -224,14 +222,4 @@ def _check_parallelism(job_config, world_size: int) -> None:
             f"parallelism.expert_parallel_degree={ep} is invalid: experts are spread over the data-parallel "
             f"shard x context x tensor ranks ({ep_room} here, of {world_size} processes); allowed values are "
             f"the divisors of {ep_room}"
-        )
-
-
-def check_model_parallelism(n_routed_experts: int, expert_parallel_degree: int) -> None:
-    """The expert-parallel degree must split the routed experts evenly."""
-    if expert_parallel_degree > 1 and n_routed_experts % expert_parallel_degree:
-        divisors = [d for d in range(1, n_routed_experts + 1) if n_routed_experts % d == 0]
-        raise JobConfigError(
-            f"parallelism.expert_parallel_degree={expert_parallel_degree} is invalid: the model has "
-            f"{n_routed_experts} routed experts; allowed values are their divisors {divisors}"
         )
