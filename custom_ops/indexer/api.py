@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_device, check_int, check_same, check_sink, check_tensor
+from ..schema import contiguous
 from . import ops
 from .contract import ScoresInputs, TeacherInputs, TeacherOutputs, TopkInputs, compute_dtype
 
@@ -35,7 +36,7 @@ def indexer_scores(q: Tensor, weights: Tensor, keys: Tensor, indices: Optional[T
     _check_indexer_inputs(q, weights, keys)
     _check_indices(indices, q)
     check_int("ratio", ratio)
-    return ops.indexer_scores_op(*_contiguous(ScoresInputs(q, weights, keys, indices, ratio)))
+    return ops.indexer_scores_op(*contiguous(ScoresInputs(q, weights, keys, indices, ratio)))
 
 
 def indexer_topk(q: Tensor, weights: Tensor, keys: Tensor, *, k: int, ratio: int) -> Tensor:
@@ -47,7 +48,7 @@ def indexer_topk(q: Tensor, weights: Tensor, keys: Tensor, *, k: int, ratio: int
     _check_indexer_inputs(q, weights, keys)
     check_int("k", k)
     check_int("ratio", ratio)
-    return ops.indexer_topk_op(*_contiguous(TopkInputs(q.detach(), weights.detach(), keys.detach(), k, ratio)))
+    return ops.indexer_topk_op(*contiguous(TopkInputs(q.detach(), weights.detach(), keys.detach(), k, ratio)))
 
 
 def indexer_teacher(
@@ -84,11 +85,7 @@ def indexer_teacher(
         raise TypeError(f"scale must be a finite Python float, got {scale!r}")
     check_int("ratio", ratio)
     inputs = TeacherInputs(q.detach(), pool.detach(), lse.detach(), sink.detach(), indices, float(scale), ratio)
-    return TeacherOutputs(*ops.indexer_teacher_op(*_contiguous(inputs)))
-
-
-def _contiguous(inputs):
-    return type(inputs)(*(value.contiguous() if isinstance(value, Tensor) else value for value in inputs))
+    return TeacherOutputs(*ops.indexer_teacher_op(*contiguous(inputs)))
 
 
 def _check_queries(q: Tensor) -> tuple[int, int, int, int]:

@@ -15,7 +15,7 @@ Visibility (the CSA rule of the sparse-attention op): entry s is visible to quer
 
 Every layer of an op (public function in api.py, registration in ops.py, the reference, the Triton
 launchers) passes the inputs around as one NamedTuple below, and the torch.library schemas are derived
-from them.
+from them (custom_ops/schema.py).
 """
 
 from typing import NamedTuple, Optional
@@ -82,17 +82,7 @@ def n_listed(indices: Optional[Tensor], n_entries: int) -> int:
     return n_entries if indices is None else indices.shape[-1]
 
 
-def tensor_fields(inputs: type[NamedTuple]) -> tuple[str, ...]:
-    """The fields of an inputs tuple that hold a tensor (or None); the others are Python scalars."""
-    return tuple(name for name, kind in inputs.__annotations__.items() if kind in (Tensor, Optional[Tensor]))
-
-
-_SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", float: "float"}
-
-
-def schema(inputs: type[NamedTuple], leading: tuple[str, ...] = ()) -> str:
-    """The torch.library argument list ``"Tensor q, Tensor weights, ..."`` of an inputs tuple, after
-    ``leading`` extra Tensor arguments (a backward op's incoming gradient)."""
-    args = [f"Tensor {name}" for name in leading]
-    args += [f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in inputs.__annotations__.items()]
-    return ", ".join(args)
+def triton_applies(q: Tensor) -> bool:
+    """Whether the Triton kernels serve these queries on CUDA: bf16 or fp32. fp64 stays on the
+    reference: it is the oracle."""
+    return q.dtype in (torch.bfloat16, torch.float32)

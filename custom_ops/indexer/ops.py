@@ -2,50 +2,37 @@
 ``v4::indexer_topk`` and ``v4::indexer_teacher``.
 
 The reference (reference.py) serves every device; on CUDA the Triton kernels (triton/) replace it for
-bf16 and fp32 inputs (fp64 stays on the reference: it is the oracle). Triton is imported inside the
-CUDA functions only, so a CPU install imports this module without a GPU or a working Triton. The
-backward of the scores is its own op so that a compiled backward graph holds one opaque node. The
-schemas come from the NamedTuples of contract.py; the ops take validated, contiguous tensors (model
-code calls the functions of api.py).
+bf16 and fp32 queries (fp64 stays on the reference: it is the oracle), as decided for every op in
+custom_ops/dispatch.py (which also honours ``TITAN_V4_REFERENCE_OPS``). The backward of the scores is
+its own op so that a compiled backward graph holds one opaque node. The schemas come from the
+NamedTuples of contract.py; the ops take validated, contiguous tensors (model code calls the
+functions of api.py).
 """
 
 import torch
 from torch import Tensor
 
+from .. import dispatch
+from ..schema import tensor_fields
 from . import reference
 from .contract import (
     ScoresGrads,
     ScoresInputs,
     TeacherInputs,
+    TeacherOutputs,
     TopkInputs,
     compute_dtype,
     n_listed,
-    schema,
-    tensor_fields,
+    triton_applies,
 )
 
 
-def _on_triton(q: Tensor) -> bool:
-    return q.dtype in (torch.bfloat16, torch.float32)
-
-
 # ----------------------------------------------------------------------------------------- scores
-
-
-@torch.library.custom_op("v4::indexer_scores", mutates_args=(), schema=f"({schema(ScoresInputs)}) -> Tensor")
-def indexer_scores_op(*args) -> Tensor:
-    """Scores ``[B, S, K or P]`` in the compute dtype; see reference.py."""
-    return reference.indexer_scores_fwd(ScoresInputs(*args))
-
-
-@indexer_scores_op.register_kernel("cuda")
-def _indexer_scores_cuda(*args) -> Tensor:
-    inputs = ScoresInputs(*args)
-    if not _on_triton(inputs.q):
-        return reference.indexer_scores_fwd(inputs)
-    from .triton.scores_fwd import indexer_scores_fwd
-
-    return indexer_scores_fwd(inputs)
+indexer_scores_op = dispatch.op(
+    "v4::indexer_scores", ScoresInputs, Tensor,
+    reference=reference.indexer_scores_fwd, triton="custom_ops.indexer.triton.scores_fwd:indexer_scores_fwd",
+    applies=triton_applies, reads="q", via=dispatch.packed(ScoresInputs),
+)
 
 
 @indexer_scores_op.register_fake
@@ -54,22 +41,17 @@ def _indexer_scores_fake(*args) -> Tensor:
     return q.new_empty((*q.shape[:2], n_listed(indices, keys.shape[1])), dtype=compute_dtype(q.dtype))
 
 
-@torch.library.custom_op(
-    "v4::indexer_scores_bwd", mutates_args=(), schema=f"({schema(ScoresInputs, ('grad',))}) -> (Tensor, Tensor, Tensor)"
+def _scores_bwd_on(bwd, grad: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
+    """``v4::indexer_scores_bwd`` on ``bwd`` (the reference's or the kernels': ``(ScoresInputs, grad)
+    -> ScoresGrads``)."""
+    return tuple(bwd(ScoresInputs(*args), grad))
+
+
+indexer_scores_bwd_op = dispatch.op(
+    "v4::indexer_scores_bwd", ScoresInputs, ScoresGrads, leading=("grad",),
+    reference=reference.indexer_scores_bwd, triton="custom_ops.indexer.triton.scores_bwd:indexer_scores_bwd",
+    applies=triton_applies, reads="q", via=_scores_bwd_on,
 )
-def indexer_scores_bwd_op(grad: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
-    """dq (q's dtype), dweights (weights' dtype), dkeys (keys' dtype)."""
-    return tuple(reference.indexer_scores_bwd(ScoresInputs(*args), grad))
-
-
-@indexer_scores_bwd_op.register_kernel("cuda")
-def _indexer_scores_bwd_cuda(grad: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
-    inputs = ScoresInputs(*args)
-    if not _on_triton(inputs.q):
-        return tuple(reference.indexer_scores_bwd(inputs, grad))
-    from .triton.scores_bwd import indexer_scores_bwd
-
-    return tuple(indexer_scores_bwd(inputs, grad))
 
 
 @indexer_scores_bwd_op.register_fake
@@ -99,22 +81,11 @@ indexer_scores_op.register_autograd(_scores_backward, setup_context=_scores_setu
 
 
 # ----------------------------------------------------------------------------------------- top-k
-
-
-@torch.library.custom_op("v4::indexer_topk", mutates_args=(), schema=f"({schema(TopkInputs)}) -> Tensor")
-def indexer_topk_op(*args) -> Tensor:
-    """Top-k entry ids ``[B, S, k]`` int32; see reference.py."""
-    return reference.indexer_topk(TopkInputs(*args))
-
-
-@indexer_topk_op.register_kernel("cuda")
-def _indexer_topk_cuda(*args) -> Tensor:
-    inputs = TopkInputs(*args)
-    if not _on_triton(inputs.q):
-        return reference.indexer_topk(inputs)
-    from .triton.scores_fwd import indexer_topk
-
-    return indexer_topk(inputs)
+indexer_topk_op = dispatch.op(
+    "v4::indexer_topk", TopkInputs, Tensor,
+    reference=reference.indexer_topk, triton="custom_ops.indexer.triton.scores_fwd:indexer_topk",
+    applies=triton_applies, reads="q", via=dispatch.packed(TopkInputs),
+)
 
 
 @indexer_topk_op.register_fake
@@ -124,22 +95,11 @@ def _indexer_topk_fake(*args) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------- teacher
-
-
-@torch.library.custom_op("v4::indexer_teacher", mutates_args=(), schema=f"({schema(TeacherInputs)}) -> (Tensor, Tensor)")
-def indexer_teacher_op(*args) -> tuple[Tensor, Tensor]:
-    """log_mass ``[B, S, K or P]``, log_visible ``[B, S]``; see reference.py."""
-    return tuple(reference.indexer_teacher(TeacherInputs(*args)))
-
-
-@indexer_teacher_op.register_kernel("cuda")
-def _indexer_teacher_cuda(*args) -> tuple[Tensor, Tensor]:
-    inputs = TeacherInputs(*args)
-    if not _on_triton(inputs.q):
-        return tuple(reference.indexer_teacher(inputs))
-    from .triton.teacher import indexer_teacher
-
-    return tuple(indexer_teacher(inputs))
+indexer_teacher_op = dispatch.op(
+    "v4::indexer_teacher", TeacherInputs, TeacherOutputs,
+    reference=reference.indexer_teacher, triton="custom_ops.indexer.triton.teacher:indexer_teacher",
+    applies=triton_applies, reads="q", via=dispatch.packed(TeacherInputs),
+)
 
 
 @indexer_teacher_op.register_fake

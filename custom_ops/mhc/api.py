@@ -4,18 +4,26 @@ Shapes: streams ``x [..., H, D]`` (the model's ``[B, S, hc_mult, dim]``), ``K = 
 stay in their dtype (bf16 on GPU; the CPU reference also takes fp32 / fp64); statistics, mixing
 logits, gates and the Sinkhorn projection are fp32 (fp64 for fp64 streams, for gradient checks).
 Non-contiguous tensors are made contiguous (a copy). Errors are TypeError / ValueError naming the
-bad argument. On CUDA, bf16 streams with a power-of-two H run the Triton kernels; anything else
-runs the reference (reference.py, the specification).
+bad argument. On CUDA, bf16 streams with a power-of-two H run the Triton kernels (contract.py's
+triton_applies); anything else runs the reference (reference.py, the specification).
 """
 
 import math
 
-import torch
 from torch import Tensor
 
+from ..checks import check_int, check_tensor
+from ..schema import contiguous
 from . import ops
-
-_STREAM_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+from .contract import (
+    STREAM_DTYPES,
+    CollapseInputs,
+    CollapseOutputs,
+    ExpandInputs,
+    HeadInputs,
+    HeadOutputs,
+    compute_dtype,
+)
 
 
 def mhc_collapse(
@@ -46,14 +54,10 @@ def mhc_collapse(
     _check_weights(x, fn, base, scale, mixes=(2 + hc) * hc, scales=3)
     _check_eps("hc_eps", hc_eps, allow_zero=True)
     _check_eps("norm_eps", norm_eps, allow_zero=False)
-    if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int):
-        raise TypeError(f"sinkhorn_iters must be a Python int >= 1, got {sinkhorn_iters!r}")
-    if sinkhorn_iters < 1:
-        raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
-    collapsed, post, comb, _, _ = ops.mhc_collapse_op(
-        x.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(), float(hc_eps), float(norm_eps), sinkhorn_iters
-    )
-    return collapsed, post, comb
+    check_int("sinkhorn_iters", sinkhorn_iters)
+    inputs = CollapseInputs(x, fn, base, scale, float(hc_eps), float(norm_eps), sinkhorn_iters)
+    outputs = CollapseOutputs(*ops.mhc_collapse_op(*contiguous(inputs)))
+    return outputs.collapsed, outputs.post, outputs.comb
 
 
 def hyper_head(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, *, hc_eps: float, norm_eps: float) -> Tensor:
@@ -73,8 +77,8 @@ def hyper_head(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, *, hc_eps: fl
     _check_weights(x, fn, base, scale, mixes=hc, scales=1)
     _check_eps("hc_eps", hc_eps, allow_zero=True)
     _check_eps("norm_eps", norm_eps, allow_zero=False)
-    out, _, _ = ops.mhc_head_op(x.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(), float(hc_eps), float(norm_eps))
-    return out
+    inputs = HeadInputs(x, fn, base, scale, float(hc_eps), float(norm_eps))
+    return HeadOutputs(*ops.mhc_head_op(*contiguous(inputs))).out
 
 
 def mhc_expand(x: Tensor, out: Tensor, post: Tensor, comb: Tensor) -> Tensor:
@@ -91,26 +95,21 @@ def mhc_expand(x: Tensor, out: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     """
     hc = _check_streams(x)
     lead, dim = x.shape[:-2], x.shape[-1]
-    _check_tensor("out", out)
+    check_tensor("out", out)
     if out.shape != (*lead, dim):
         raise ValueError(f"out must be [..., D] = {(*lead, dim)} to match x, got shape {tuple(out.shape)}")
     if not out.is_floating_point():
         raise TypeError(f"out must be a floating tensor, got {out.dtype}")
     _check_device("out", out, x)
-    gate_dtype = _gate_dtype(x)
+    gate_dtype = compute_dtype(x.dtype)
     for name, value, shape in (("post", post, (*lead, hc)), ("comb", comb, (*lead, hc, hc))):
-        _check_tensor(name, value)
+        check_tensor(name, value)
         if value.shape != shape:
             raise ValueError(f"{name} must have shape {shape} to match x, got {tuple(value.shape)}")
         if value.dtype != gate_dtype:
             raise TypeError(f"{name} must be {gate_dtype} for x of dtype {x.dtype}, got {value.dtype}")
         _check_device(name, value, x)
-    return ops.mhc_expand_op(x.contiguous(), out.to(x.dtype).contiguous(), post.contiguous(), comb.contiguous())
-
-
-def _check_tensor(name: str, value) -> None:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return ops.mhc_expand_op(*contiguous(ExpandInputs(x, out.to(x.dtype), post, comb)))
 
 
 def _check_device(name: str, value: Tensor, x: Tensor) -> None:
@@ -119,28 +118,24 @@ def _check_device(name: str, value: Tensor, x: Tensor) -> None:
 
 
 def _check_streams(x) -> int:
-    _check_tensor("x", x)
+    check_tensor("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must be [..., H, D] streams (at least 2-D), got shape {tuple(x.shape)}")
-    if x.dtype not in _STREAM_DTYPES:
+    if x.dtype not in STREAM_DTYPES:
         raise TypeError(f"x must be bfloat16, float32 or float64, got {x.dtype}")
     if x.shape[-2] < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have H >= 1 streams of width D >= 1, got shape {tuple(x.shape)}")
     return x.shape[-2]
 
 
-def _gate_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _check_weights(x: Tensor, fn, base, scale, *, mixes: int, scales: int) -> None:
     width = x.shape[-2] * x.shape[-1]
     for name, value, shape in (("fn", fn, (mixes, width)), ("base", base, (mixes,)), ("scale", scale, (scales,))):
-        _check_tensor(name, value)
+        check_tensor(name, value)
         if tuple(value.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} for x of shape {tuple(x.shape)}, got {tuple(value.shape)}")
-        if value.dtype != _gate_dtype(x):
-            raise TypeError(f"{name} must be {_gate_dtype(x)} for x of dtype {x.dtype}, got {value.dtype}")
+        if value.dtype != compute_dtype(x.dtype):
+            raise TypeError(f"{name} must be {compute_dtype(x.dtype)} for x of dtype {x.dtype}, got {value.dtype}")
         _check_device(name, value, x)
 
 

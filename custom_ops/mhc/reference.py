@@ -29,11 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..sinkhorn import reference as sinkhorn_reference
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 streams are computed in fp64 (oracle mode); bf16 / fp32 in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .contract import compute_dtype
 
 
 # ---------------------------------------------------------------------------------- shared pieces

@@ -2,10 +2,12 @@
 
 import math
 
-import torch
 from torch import Tensor
 
+from ..checks import check_int, check_tensor
+from ..schema import contiguous
 from . import ops
+from .contract import DTYPES, Inputs
 
 
 def sinkhorn(logits: Tensor, iters: int, eps: float) -> Tensor:
@@ -25,18 +27,14 @@ def sinkhorn(logits: Tensor, iters: int, eps: float) -> Tensor:
     Raises:
         TypeError / ValueError naming the bad argument.
     """
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    check_tensor("logits", logits)
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"logits must be [..., N, N] (square last two dims), got shape {tuple(logits.shape)}")
-    if logits.dtype not in (torch.float32, torch.float64):
+    if logits.dtype not in DTYPES:
         raise TypeError(f"logits must be float32 (or float64), got {logits.dtype}")
-    if isinstance(iters, bool) or not isinstance(iters, int):
-        raise TypeError(f"iters must be a Python int >= 1, got {iters!r}")
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
+    check_int("iters", iters)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a Python float >= 0, got {eps!r}")
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return ops.sinkhorn_op(logits.contiguous(), iters, float(eps))
+    return ops.sinkhorn_op(*contiguous(Inputs(logits, iters, float(eps))))

@@ -11,6 +11,7 @@ from ..checks import check_int as _check_int
 from ..checks import check_same as _check_same
 from ..checks import check_sink as _check_sink
 from ..checks import check_tensor as _check_tensor
+from ..schema import contiguous
 from . import ops
 from .contract import Inputs
 
@@ -119,6 +120,5 @@ def sparse_attention(
     inputs = Inputs(
         q=q, kv=kv, sink=sink, pool=pool, topk=topk, doc_ids=doc_ids, window=window, scale=float(scale), ratio=ratio
     )
-    contiguous = (value.contiguous() if isinstance(value, Tensor) else value for value in inputs)
-    return ops.sparse_attention_op(*contiguous)
+    return ops.sparse_attention_op(*contiguous(inputs))
 

@@ -1,9 +1,10 @@
-"""The one definition of ``v4::sparse_attention``'s arguments and results.
+"""The one definition of ``v4::sparse_attention``'s arguments and results, dtypes, and which
+inputs the Triton kernels serve.
 
 Every layer of the op (the public function in api.py, the registration, fakes and autograd in
 ops.py, the reference and the kernels) passes the inputs around as one :class:`Inputs` tuple, and
-the torch.library schemas are derived from it, so adding an argument or an output touches this file
-and the code that uses the new field, nothing else.
+the torch.library schemas are derived from it (custom_ops/schema.py), so adding an argument or an
+output touches this file and the code that uses the new field, nothing else.
 """
 
 from typing import NamedTuple, Optional
@@ -46,15 +47,7 @@ def compute_dtype(q_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if q_dtype == torch.float64 else torch.float32
 
 
-#: The Inputs fields that hold a tensor (or None); the others are Python scalars.
-TENSOR_FIELDS = tuple(name for name, kind in Inputs.__annotations__.items() if kind in (Tensor, Optional[Tensor]))
-
-_SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", float: "float"}
-
-
-def schema(leading: tuple[str, ...] = ()) -> str:
-    """The torch.library argument list ``"Tensor q, Tensor kv, ..."`` of :class:`Inputs`, after
-    ``leading`` extra Tensor arguments (the backward op's ``grad_out``, ``out``, ``lse``)."""
-    args = [f"Tensor {name}" for name in leading]
-    args += [f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in Inputs.__annotations__.items()]
-    return ", ".join(args)
+def triton_applies(q: Tensor) -> bool:
+    """Whether the Triton kernels serve these queries on CUDA: bf16 with D a multiple of 16 (what
+    triton/fwd.py's check_inputs asserts). fp32 / fp64 queries and other D run the reference."""
+    return q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0

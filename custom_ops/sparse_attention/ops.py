@@ -1,10 +1,9 @@
 """Registration of ``v4::sparse_attention`` and its backward ``v4::sparse_attention_bwd``.
 
-The eager reference (reference.py) is the implementation on every device except CUDA, where bf16
-inputs run the Triton kernels (triton/, imported on the first CUDA call, so a CPU install never
-imports triton); fp32 / fp64 inputs run the reference there too (as does everything under
-``TITAN_V4_REFERENCE_OPS=1``, custom_ops/flags.py). The backward is its own op so that under
-``torch.compile`` the backward graph also holds one opaque node.
+The eager reference (reference.py) is the implementation on every device; on CUDA, bf16 queries run
+the Triton kernels (triton/) instead, as decided for every op in custom_ops/dispatch.py (which also
+honours ``TITAN_V4_REFERENCE_OPS``). The backward is its own op so that under ``torch.compile`` the
+backward graph also holds one opaque node.
 
 The schemas come from :class:`contract.Inputs`: the forward takes its fields positionally, the
 backward takes ``grad_out, out, lse`` followed by the same fields. The ops take validated,
@@ -14,29 +13,19 @@ contiguous tensors; model code calls :func:`custom_ops.sparse_attention` (api.py
 import torch
 from torch import Tensor
 
-from .. import flags
+from .. import dispatch
+from ..schema import tensor_fields
 from . import reference
-from .contract import TENSOR_FIELDS, Grads, Inputs, Outputs, compute_dtype, schema
+from .contract import Grads, Inputs, Outputs, compute_dtype, triton_applies
+
+TENSOR_FIELDS = tensor_fields(Inputs)
 
 
-@torch.library.custom_op("v4::sparse_attention", mutates_args=(), schema=f"({schema()}) -> (Tensor, Tensor)")
-def sparse_attention_op(*args) -> tuple[Tensor, Tensor]:
-    """out ``[B, S, H, D]`` (q's dtype), lse ``[B, S, H]`` without the sink; see reference.py."""
-    return tuple(reference.sparse_attention_fwd(Inputs(*args)))
-
-
-def _kernels_apply(q: Tensor) -> bool:
-    return q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and not flags.reference_ops_only()
-
-
-@sparse_attention_op.register_kernel("cuda")
-def _sparse_attention_cuda(*args):
-    inputs = Inputs(*args)
-    if not _kernels_apply(inputs.q):
-        return tuple(reference.sparse_attention_fwd(inputs))
-    from . import triton as kernels
-
-    return tuple(kernels.sparse_attention_fwd(inputs))
+sparse_attention_op = dispatch.op(
+    "v4::sparse_attention", Inputs, Outputs,
+    reference=reference.sparse_attention_fwd, triton="custom_ops.sparse_attention.triton:sparse_attention_fwd",
+    applies=triton_applies, reads="q", via=dispatch.packed(Inputs),
+)
 
 
 @sparse_attention_op.register_fake
@@ -45,31 +34,18 @@ def _sparse_attention_fake(*args):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
 
 
-_BWD_LEADING = ("grad_out", "out", "lse")
+def _backward_on(bwd, grad_out: Tensor, out: Tensor, lse: Tensor, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward op on ``bwd`` (the reference's or the kernels'): dq, dkv, dsink, dpool. Custom
+    ops cannot return None, so without a pool dpool is ``[B, 0, D]``."""
+    inputs = Inputs(*args)
+    return _with_empty_dpool(bwd(inputs, grad_out, Outputs(out, lse)), inputs)
 
 
-@torch.library.custom_op(
-    "v4::sparse_attention_bwd",
-    mutates_args=(),
-    schema=f"({schema(_BWD_LEADING)}) -> (Tensor, Tensor, Tensor, Tensor)",
+sparse_attention_bwd_op = dispatch.op(
+    "v4::sparse_attention_bwd", Inputs, Grads, leading=("grad_out", "out", "lse"),
+    reference=reference.sparse_attention_bwd, triton="custom_ops.sparse_attention.triton:sparse_attention_bwd",
+    applies=triton_applies, reads="q", via=_backward_on,
 )
-def sparse_attention_bwd_op(grad_out: Tensor, out: Tensor, lse: Tensor, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dq, dkv, dsink, dpool. Custom ops cannot return None, so without a pool dpool is ``[B, 0, D]``."""
-    inputs = Inputs(*args)
-    grads = reference.sparse_attention_bwd(inputs, grad_out, Outputs(out, lse))
-    return _with_empty_dpool(grads, inputs)
-
-
-@sparse_attention_bwd_op.register_kernel("cuda")
-def _sparse_attention_bwd_cuda(grad_out, out, lse, *args):
-    inputs = Inputs(*args)
-    if not _kernels_apply(inputs.q):
-        grads = reference.sparse_attention_bwd(inputs, grad_out, Outputs(out, lse))
-    else:
-        from . import triton as kernels
-
-        grads = kernels.sparse_attention_bwd(inputs, grad_out, Outputs(out, lse))
-    return _with_empty_dpool(grads, inputs)
 
 
 @sparse_attention_bwd_op.register_fake

@@ -13,7 +13,7 @@ Keeping the ``2 * ITERS - 1`` matrices themselves would need N times the registe
 token at N=4, ITERS=20: they spill); recomputing the forward from the logits for every reverse step
 costs ITERS**2 / 2 dependent normalisations, ~20x the forward's latency, which dominates at 4096 tokens.
 
-N must be a power of two (``tl.arange``); ops.py sends other sizes to the reference.
+N must be a power of two (``tl.arange``); contract.py's triton_applies sends other sizes to the reference.
 """
 
 import torch

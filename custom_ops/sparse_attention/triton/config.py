@@ -61,9 +61,9 @@ def fwd_tiles(heads: int, dim: int, dtype: torch.dtype) -> Tiles:
 
     At D = 512: q [64, 512] and two pipelined [64, 512] key tiles, 192 KiB of shared memory; the
     [64, 512] fp32 accumulator is 128 registers per thread at 8 warps (two warpgroups, each owning
-    half of D). Measured on an H100 at the Flash CSA shape (docs/perf/sparse_attention_kernels.md):
-    64-row key tiles 1.61 ms, 32-row 1.89 ms; block_dv = 256 (logits computed twice) 3.59 ms; D read
-    in 64-wide chunks 3.2-5.2 ms.
+    half of D). The sweep at the Flash CSA shape found 64-row key tiles faster than 32-row ones,
+    and both splitting D into two output slices (the logits computed twice) and reading D in 64-wide
+    chunks slower: timings in docs/perf/sparse_attention_kernels.md.
     """
     d_pad = triton.next_power_of_2(dim)
     whole = _whole_rows_fit(dim, dtype)
@@ -81,9 +81,9 @@ def bwd_dq_tiles(heads: int, dim: int, dtype: torch.dtype) -> Tiles:
     """dq (and the atomic dpool scatter): query and dO tiles re-read in 64-wide chunks of D.
 
     Whole [64, 512] q and dO tiles would take 300+ KiB of shared memory with the key tiles and the
-    scatter's operands. Measured at the Flash CSA shape: one program per (query, head block) writing
-    all of D (block_dv = 512) 8.65 ms for the whole backward, against 11.0 ms with two 256-wide
-    slices (each recomputing the logits) and 16.9 ms with four.
+    scatter's operands. One program per (query, head block) writes all of D (block_dv = 512): two or
+    four output slices would each recompute the logits, and the sweep at the Flash CSA shape found
+    them slower (docs/perf/sparse_attention_kernels.md).
     """
     d_pad = triton.next_power_of_2(dim)
     return Tiles(
@@ -100,8 +100,8 @@ def bwd_dkv_tiles(heads: int, dim: int, dtype: torch.dtype) -> Tiles:
     """dkv (window) and deterministic dpool: 32 key rows per program, query tiles in 64-wide chunks.
 
     A program of 32 window rows walks 32 + window - 1 queries (80 % of them useful at window 128;
-    64 rows: 67 %). At D = 512: two 256-wide slices. Measured at the Flash shape: 3 pipeline stages
-    3.56 ms for the SWA backward against 4.39 ms with 2; the deterministic dpool likewise.
+    64 rows: 67 %). At D = 512: two 256-wide slices. Three pipeline stages beat two at the Flash
+    shape, for the SWA backward and the deterministic dpool (docs/perf/sparse_attention_kernels.md).
     """
     d_pad = triton.next_power_of_2(dim)
     return Tiles(
