@@ -1,7 +1,7 @@
 """Checkpoint-load benchmark: a synthetic official-layout checkpoint (FP8 / FP4, random values) of
 `--flavor` loaded through torchtitan's initial-load path (`initial_load_in_hf`) under EP + FSDP2.
 
-    python benchmarks/checkpoint_load.py --out DIR [--ckpt DIR] [--flavor flash_4layers] [--ngpu 2] [--ep 2]
+    python -m benchmarks.checkpoint_load --out DIR [--ckpt DIR] [--flavor flash_4layers] [--ngpu 2] [--ep 2]
 
 1. writes the checkpoint to `--ckpt` (local disk; Flash's first 4 layers + MTP are ~17 GB);
 2. runs `NGPU=n ./run_train.sh` on flash_proxy.toml's settings with the flavor, bf16 parameters
@@ -18,17 +18,16 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from titan_v4.checkpoint.synthetic import write_synthetic_official
+from titan_v4.flavors import deepseek_v4_args
+
+from benchmarks.timing import Stopwatch
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from titan_v4.checkpoint.synthetic import write_synthetic_official  # noqa: E402
-from titan_v4.flavors import deepseek_v4_args  # noqa: E402
-
 GIB = 2**30
 
 
@@ -42,10 +41,9 @@ def run_load(ckpt: Path, out: Path, flavor: str, ngpu: int, ep: int) -> tuple[st
         "--checkpoint.initial_load_in_hf", "--checkpoint.initial_load_model_only",
     ]  # fmt: skip
     env = dict(os.environ, NGPU=str(ngpu), LOG_RANK=",".join(str(r) for r in range(ngpu)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    start = time.monotonic()
-    proc = subprocess.run(["./run_train.sh", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wall = time.monotonic() - start
+    with Stopwatch() as watch:
+        proc = subprocess.run(["./run_train.sh", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = watch.ms / 1e3
     (out / "train.log").write_text(proc.stdout)
     if proc.returncode != 0:
         sys.exit(f"run_train.sh failed ({proc.returncode}); last lines:\n{proc.stdout[-6000:]}")
@@ -62,9 +60,9 @@ def main() -> None:
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
 
-    start = time.monotonic()
-    size = write_synthetic_official(a.ckpt, deepseek_v4_args[a.flavor])
-    write_s = time.monotonic() - start
+    with Stopwatch() as watch:
+        size = write_synthetic_official(a.ckpt, deepseek_v4_args[a.flavor])
+    write_s = watch.ms / 1e3
     print(f"wrote {size / GIB:.2f} GiB to {a.ckpt} in {write_s:.1f} s", flush=True)
 
     log, wall, command = run_load(a.ckpt, a.out, a.flavor, a.ngpu, a.ep)

@@ -1,7 +1,7 @@
 """Benchmark of the indexer ops on one GPU: the Triton kernels (the ops' CUDA path) against the eager
 reference, at the Flash and Pro shapes, S in {4096, 16384}.
 
-    python benchmarks/indexer.py [--seq 4096 16384] [--out results.md]
+    python -m benchmarks.indexer [--seq 4096 16384] [--out results.md]
 
 Rows (B = 1, ratio 4, P = S / 4 entries, bf16 inputs):
 * ``topk``: scoring + top-k selection (v4::indexer_topk);
@@ -17,8 +17,6 @@ scored (query, entry) pair, the backward 2x the forward; pairs count the causall
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -26,31 +24,12 @@ import custom_ops
 from custom_ops.indexer import reference
 from custom_ops.indexer.contract import ScoresInputs, TeacherInputs, TopkInputs
 
+from benchmarks.timing import measure
+
 # (indexer heads, indexer head dim, top-k, attention heads, attention head dim)
 SHAPES = {"flash": (64, 128, 512, 64, 512), "pro": (64, 128, 1024, 128, 512)}
 EAGER_CHUNK = 1024
 RATIO = 4
-
-
-def measure(fn, reps: int = 5) -> tuple[float, float, float]:
-    """(median ms, first-call ms, peak MiB above the memory in use before the call)."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    first = (time.perf_counter() - start) * 1e3
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return statistics.median(times), first, peak
 
 
 def cases(flavor: str, seq_len: int):
@@ -114,11 +93,12 @@ def main() -> None:
     for flavor in opts.flavors:
         for seq_len in opts.seq:
             for name, flop, (fast, eager) in cases(flavor, seq_len):
-                t_ms, t_first, t_mem = measure(fast)
-                e_ms, _, e_mem = measure(eager, reps=2)
+                t = measure(fast, "cuda", warmup=1, reps=5, peak_memory=True)
+                e = measure(eager, "cuda", warmup=1, reps=2, peak_memory=True)
                 line = (
-                    f"| {flavor} | {seq_len} | {name} | {flop / 1e9:.1f} | {t_ms:.2f} | {t_first:.0f} | "
-                    f"{flop / t_ms / 1e9:.0f} | {t_mem:.0f} | {e_ms:.2f} | {e_mem:.0f} | {e_ms / t_ms:.1f}x |"
+                    f"| {flavor} | {seq_len} | {name} | {flop / 1e9:.1f} | {t.median_ms:.2f} | {t.first_ms:.0f} | "
+                    f"{flop / t.median_ms / 1e9:.0f} | {t.peak_mib:.0f} | {e.median_ms:.2f} | {e.peak_mib:.0f} | "
+                    f"{e.median_ms / t.median_ms:.1f}x |"
                 )
                 lines.append(line)
                 print(line, flush=True)

@@ -3,7 +3,7 @@ forward + backward at Flash width (D=4096, hc=4, bf16 streams), for eager PyTorc
 the same math and the fused v4:: ops, against the memory-traffic floor at the copy bandwidth measured
 in the same run.
 
-    python benchmarks/mhc.py [--check] [--tokens 4096 16384 65536]
+    python -m benchmarks.mhc [--check] [--tokens 4096 16384 65536]
 
 --check first compares the ops with the reference (fp32 on the same GPU) at 4096 tokens and exits
 non-zero on a mismatch. The table is printed last. About 3 minutes on one H100 (most of it Inductor
@@ -15,11 +15,13 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import triton.testing
+import triton
 
 import custom_ops
 from custom_ops.mhc import reference as mhc_reference
 from custom_ops.sinkhorn import reference as sinkhorn_reference
+
+from benchmarks.timing import kernel_median_ms
 
 HC, DIM, ITERS, HC_EPS, NORM_EPS = 4, 4096, 20, 1e-6, 1e-6
 MIXES = (2 + HC) * HC
@@ -79,8 +81,8 @@ def fwd_bwd(step, leaves, grads):
 
 
 def bench_us(fn) -> float:
-    """Median microseconds; triton's do_bench clears L2 between calls, so every run reads from HBM."""
-    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median")
+    """Median microseconds; the L2 cache is evicted before every call, so every run reads from HBM."""
+    return 1e3 * kernel_median_ms(fn, warmup_ms=10, rep_ms=200)
 
 
 def cuda_graphed(fn):
@@ -167,7 +169,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/mhc.py needs a CUDA device")
+        print("benchmarks.mhc needs a CUDA device")
         return 1
     if args.check and not check():
         print("check FAILED")

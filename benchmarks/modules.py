@@ -18,15 +18,13 @@ table ends with what the parts do not account for (embedding, MTP input projecti
 and copies between the parts). Also timed: AdamW's fused kernel with the clip factor passed as
 its ``grad_scale`` (one pass over the gradients instead of the clip's scaling pass).
 
-    python benchmarks/modules.py                    # flash_proxy, S = 4096, on the GPU
-    python benchmarks/modules.py --tiny --device cpu   # a smoke run of the script itself
+    python -m benchmarks.modules                      # flash_proxy, S = 4096, on the GPU
+    python -m benchmarks.modules --tiny --device cpu  # a smoke run of the script itself
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from types import SimpleNamespace
 
 import torch
@@ -34,11 +32,13 @@ import torchtitan.distributed.utils as dist_utils
 
 import titan_v4  # noqa: F401  (installs the CPU shim where there is no CUDA)
 from titan_v4.flavors import deepseek_v4_args
-from titan_v4.infra.clip import FoldedClipping
+from titan_v4.train.clip import FoldedClipping
 from titan_v4.infra.parallelize import compile_blocks
 from titan_v4.model.flops import count_params_and_flops
 from titan_v4.model.loss import V4Loss, cross_entropy_loss
 from titan_v4.model.model import DeepSeekV4Model
+
+from benchmarks.timing import measure
 
 PEAK_FLOPS = 989e12  # H100 SXM bf16 dense (datasheet)
 
@@ -61,30 +61,6 @@ def head_part(model, hc_head, norm, h, labels, cross_entropy):
     return cross_entropy(model.output(norm(hc_head(h))), labels)
 
 
-class Timer:
-    """Median wall time of `reps` calls of fn() after `warmup` untimed ones, the device synchronised."""
-
-    def __init__(self, device: torch.device, warmup: int, reps: int):
-        self.device, self.warmup, self.reps = device, warmup, reps
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def ms(self, fn, before=None) -> float:
-        times = []
-        for i in range(self.warmup + self.reps):
-            if before is not None:
-                before()
-            self.sync()
-            start = time.perf_counter()
-            fn()
-            self.sync()
-            if i >= self.warmup:
-                times.append(1e3 * (time.perf_counter() - start))
-        return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=4096)
@@ -104,7 +80,11 @@ def main() -> None:
           f"+ MTP depth {args.mtp_depth}; B=1 x S={S}; fp32 parameters, bf16 autocast, no activation checkpointing")
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    timer = Timer(device, warmup=2, reps=opts.reps)
+
+    def median_ms(fn, before=None) -> float:
+        """The median of `opts.reps` calls after 2 untimed ones; before() runs untimed before each."""
+        return measure(fn, device, warmup=2, reps=opts.reps, before=before).median_ms
+
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (1, S + 1), generator=gen).to(device)
@@ -135,13 +115,13 @@ def main() -> None:
     for block in blocks:
         cos, sin = model.rope_for(block.attn_type, S)
         where = f"block {block.layer_id} ({block.attn_type}{', MTP' if block in model.mtp.values() else ''})"
-        ms = timer.ms(fwd_bwd(lambda h: compiled["attention"](block, h, cos, sin), rand(1, S, D)), zero_grads)
+        ms = median_ms(fwd_bwd(lambda h: compiled["attention"](block, h, cos, sin), rand(1, S, D)), zero_grads)
         rows.append((f"attention, {where}", ms))
         by_part["attention"] += ms
         for hc_module in (block.hc_attn, block.hc_ffn):
-            ms = timer.ms(fwd_bwd(lambda x: compiled["mhc"](hc_module, x), rand(1, S, hc, D)), zero_grads)
+            ms = median_ms(fwd_bwd(lambda x: compiled["mhc"](hc_module, x), rand(1, S, hc, D)), zero_grads)
             by_part["mHC"] += ms
-        ms = timer.ms(fwd_bwd(lambda h: compiled["moe"](block, h, inputs), rand(1, S, D)), zero_grads)
+        ms = median_ms(fwd_bwd(lambda h: compiled["moe"](block, h, inputs), rand(1, S, D)), zero_grads)
         rows.append((f"MoE, {where}", ms))
         by_part["MoE"] += ms
         print(f"timed {where}", flush=True)
@@ -154,7 +134,7 @@ def main() -> None:
         head_ms[name] = 0.0
         for hc_head, norm, target in heads:
             fn = fwd_bwd(lambda h: head_part(model, hc_head, norm, h, target, ce), rand(1, target.shape[1], hc, D))
-            head_ms[name] += timer.ms(fn, zero_grads)
+            head_ms[name] += median_ms(fn, zero_grads)
     print("timed the heads", flush=True)
 
     # The whole step as the trainer runs it, then the optimizer alone on that step's gradients.
@@ -175,17 +155,17 @@ def main() -> None:
         clip()
         optimizer.step()
 
-    step_ms = timer.ms(whole_step)
+    step_ms = median_ms(whole_step)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     # The optimizer's kernels take the same time whatever the gradients hold, so the step's own
     # gradients are reused (the clip scales them in place; nothing here reads their values).
     grads = [p.grad for p in params if p.grad is not None]  # the frozen indexer has none
-    clip_ms = timer.ms(clip)
-    norm_ms = timer.ms(lambda: torch.nn.utils.get_total_norm(grads, foreach=True))
-    adam_ms = timer.ms(optimizer.step)
+    clip_ms = median_ms(clip)
+    norm_ms = median_ms(lambda: torch.nn.utils.get_total_norm(grads, foreach=True))
+    adam_ms = median_ms(optimizer.step)
 
-    # The trainer's folded clipping (titan_v4/infra/clip.py), called as torchtitan's step calls it.
+    # The trainer's folded clipping (titan_v4/train/clip.py), called as torchtitan's step calls it.
     folded = FoldedClipping(SimpleNamespace(optimizers=[optimizer]))
 
     def adam_with_clip_folded_in():
@@ -193,7 +173,7 @@ def main() -> None:
             dist_utils.clip_grad_norm_(params, 1.0, foreach=True)
             optimizer.step()
 
-    fused_ms = timer.ms(adam_with_clip_folded_in) if folded.applies else float("nan")  # fused AdamW: CUDA
+    fused_ms = median_ms(adam_with_clip_folded_in) if folded.applies else float("nan")  # fused AdamW: CUDA
 
     opt_ms = clip_ms + adam_ms
     parts_ms = sum(by_part.values()) + head_ms["compiled"] + opt_ms

@@ -1,12 +1,13 @@
 """Benchmark of the v4::sparse_attention Triton kernels at DeepSeek-V4 shapes (one CUDA GPU).
 
-    python benchmarks/sparse_attention.py [--quick] [--check] [--sweep] [--compile-ref]
+    python -m benchmarks.sparse_attention [--quick] [--check] [--sweep] [--compile-ref]
 
 Shapes: B=1, S=4096, D=512, window 128; Flash H=64 (CSA top-k 512), Pro H=128 (top-k 1024); CSA
-ratio 4, HCA ratio 128; bf16. For SWA, CSA and HCA it times, with triton.testing.do_bench (median
-ms), the forward and forward+backward of (a) the Triton kernels (backward in both dpool modes: atomic
-and deterministic), (b) the eager reference, (c) with ``--compile-ref``, torch.compile of the
-reference (Inductor takes minutes on these graphs, hence opt-in; a total compile budget stops it).
+ratio 4, HCA ratio 128; bf16. For SWA, CSA and HCA it times, with benchmarks.timing.kernel_median_ms
+(triton.testing.do_bench: median ms, the L2 cache evicted before each call), the forward and
+forward+backward of (a) the Triton kernels (backward in both dpool modes: atomic and deterministic),
+(b) the eager reference, (c) with ``--compile-ref``, torch.compile of the reference (Inductor takes
+minutes on these graphs, hence opt-in; a total compile budget stops it).
 
 FLOPs (docs/design.md, "Counting FLOPs": attended query-key pairs only): forward = 4 * D * H * pairs, backward = 2.5x
 forward, where pairs = window pairs (sum_t min(t + 1, window)) + pool pairs (HCA: sum_t min(P,
@@ -28,12 +29,13 @@ import time
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-cache-"))
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
 from custom_ops.sparse_attention import reference  # noqa: E402
 from custom_ops.sparse_attention.contract import Inputs, Outputs  # noqa: E402
 from custom_ops.sparse_attention import triton as kernels  # noqa: E402
 from custom_ops.sparse_attention.triton import bwd, config, fwd  # noqa: E402
+
+from benchmarks.timing import Stopwatch, kernel_median_ms  # noqa: E402
 
 SEQ, DIM, WINDOW = 4096, 512, 128
 RATIO = {"swa": 1, "csa": 4, "hca": 128}
@@ -167,15 +169,13 @@ def _watch_compiles() -> None:
 
 
 def first_call_seconds(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    with Stopwatch("cuda") as watch:
+        fn()
+    return watch.ms / 1e3
 
 
 def bench_ms(fn, quick: bool) -> float:
-    return do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
+    return kernel_median_ms(fn, warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
 
 
 def run_benchmarks(kinds, shapes, quick: bool, compile_ref: bool, compile_budget_s: float) -> None:
@@ -269,11 +269,8 @@ def _sweep(label: str, grid, run) -> None:
     for spec in grid:
         tiles = config.Tiles(*spec)
         try:
-            start = time.perf_counter()
-            run(tiles)
-            torch.cuda.synchronize()
-            first = time.perf_counter() - start
-            ms = do_bench(lambda: run(tiles), warmup=5, rep=30, return_mode="median")
+            first = first_call_seconds(lambda: run(tiles))
+            ms = kernel_median_ms(lambda: run(tiles), warmup_ms=5, rep_ms=30)
             results.append((ms, spec))
             print(f"  {label} {spec}: {ms:.3f} ms (first call {first:.1f} s)", flush=True)
         except Exception as exc:  # a tile that does not fit (shared memory, registers) is reported, not fatal

@@ -13,17 +13,15 @@ its loss, since the logits are taken from it). Reported: the first step
 FLOP rule (titan_v4/model/flops.py: 6 x touched parameters, attended query-key pairs only; the same
 count for both models, since they are the same architecture), and peak memory.
 
-    python benchmarks/step.py                       # the matched comparison on the GPU
-    python benchmarks/step.py --variants titan-eager,titan-compiled
-    python benchmarks/step.py --tiny --device cpu   # a seconds-long smoke run of the script itself
+    python -m benchmarks.step                       # the matched comparison on the GPU
+    python -m benchmarks.step --variants titan-eager,titan-compiled
+    python -m benchmarks.step --tiny --device cpu   # a seconds-long smoke run of the script itself
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +32,10 @@ from titan_v4.flavors import deepseek_v4_args
 from titan_v4.infra.parallelize import compile_blocks
 from titan_v4.model.args import DeepSeekV4ModelArgs
 from titan_v4.model.flops import count_params_and_flops
-from titan_v4.model.hf_config import hf_config_from_args
+from titan_v4.checkpoint.hf_config import hf_config_from_args
 from titan_v4.model.model import DeepSeekV4Model
+
+from benchmarks.timing import measure
 
 PEAK_FLOPS = 989e12  # H100 SXM bf16 dense (datasheet)
 MEASURED_PEAK_FLOPS = 790e12  # a large bf16 GEMM measured on the lent H100s
@@ -90,12 +90,7 @@ class Result:
     peak_gib: float
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(variant: str, args: DeepSeekV4ModelArgs, batch: int, device: torch.device, warmup: int, steps: int) -> Result:
+def run_variant(variant: str, args: DeepSeekV4ModelArgs, batch: int, device: torch.device, warmup: int, steps: int) -> Result:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (batch, args.max_seq_len + 1), generator=gen).to(device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -107,30 +102,26 @@ def measure(variant: str, args: DeepSeekV4ModelArgs, batch: int, device: torch.d
     if variant.endswith("compiled"):
         cross_entropy = torch.compile(mean_cross_entropy, dynamic=False)
 
-    def step() -> float:
-        sync(device)
-        start = time.perf_counter()
+    losses = []
+
+    def step() -> None:
         logits = logits_of(variant, model, inputs)
         loss = cross_entropy(logits, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{variant}: non-finite loss {loss.item()}")
-        return time.perf_counter() - start
+        losses.append(loss.detach())  # checked after the timing: reading it here would synchronise
 
-    first = step()
-    for _ in range(max(warmup - 1, 0)):
-        step()
-    times = [step() for _ in range(steps)]
+    timing = measure(step, device, warmup=max(warmup, 1), reps=steps)
+    if not torch.isfinite(torch.stack(losses)).all():
+        raise RuntimeError(f"{variant}: non-finite loss, step by step {torch.stack(losses).tolist()}")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     del model, optimizer
     gc.collect()
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Result(variant, first, statistics.median(times), peak)
+    return Result(variant, timing.first_ms / 1e3, timing.median_ms / 1e3, peak)
 
 
 def main() -> None:
@@ -163,7 +154,7 @@ def main() -> None:
 
     rows = []
     for variant in variants:
-        r = measure(variant, args, opts.batch, device, opts.warmup, opts.steps)
+        r = run_variant(variant, args, opts.batch, device, opts.warmup, opts.steps)
         tps = tokens_per_step / r.step_s
         tflops = tps * flops_per_token / 1e12
         rows.append((variant, f"{r.first_step_s:.1f}", f"{r.step_s:.3f}", f"{tps:,.0f}", f"{tflops:.1f}",

@@ -1,8 +1,8 @@
 """End-to-end A/B of the custom-op kernels: one training config, reference ops vs Triton kernels,
 eager and compiled, each as a real `./run_train.sh` run in this session, on this machine.
 
-    python benchmarks/train_ab.py --config train_configs/flash_proxy.toml --steps 10 --out DIR
-    python benchmarks/train_ab.py ... --variants kernels-eager,kernels-compiled
+    python -m benchmarks.train_ab --config train_configs/flash_proxy.toml --steps 10 --out DIR
+    python -m benchmarks.train_ab ... --variants kernels-eager,kernels-compiled
 
 "reference" runs set TITAN_V4_REFERENCE_OPS=1 (custom_ops/flags.py: every v4:: op runs its eager
 reference on CUDA too); "compiled" adds --compile.enable (per-block torch.compile and the compiled
