@@ -80,6 +80,12 @@ class V4:
     """Steps with a NaN/inf loss or gradient norm whose update is skipped before the run stops
     (per process start). 0 = stop at the first, before that step's checkpoint is written."""
 
+    checkpoint_checksums: bool = True
+    """Record a crc32 of every checkpoint file after each save (``step-N/checksums/``) and check them
+    before a resume: a file changed in place (same size) is named and the run falls back to the
+    previous intact checkpoint. Costs one read of each saved file after its save and one of the
+    checkpoint a run resumes from, spread over the ranks (about 3 GB/s per process)."""
+
     def __post_init__(self) -> None:
         # Runs for the TOML values and again for the final CLI-merged values.
         for name in ("mtp_loss_weight", "seq_balance_loss_weight", "indexer_loss_weight"):

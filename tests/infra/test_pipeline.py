@@ -3,12 +3,15 @@ process) that a chain of stages built by torchtitan's own splitter computes exac
 model computes, gradients included: the hc_mult-packed boundary, the MTP token embeddings carried
 from the first stage, hash-routed layers on a later stage."""
 
+import logging
 import types
+from collections import Counter
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchtitan.distributed.pipeline_parallel import pipeline_module_split
 
 from tests.helpers.job_config import job_config
@@ -20,6 +23,7 @@ from titan_v4.infra.pipeline import (
     PipelineConfigError,
     autocast_forward,
     check_schedule,
+    drop_no_mixed_precision_lines,
     check_stage_count,
     default_module_names,
     keep_counters_through_shape_inference,
@@ -241,3 +245,75 @@ def test_stage_chain_equals_the_whole_model(pp_mesh_of_one, layers_per_stage, mt
             assert grads[name] is None, name
         else:
             assert_close(grads[name], p.grad, torch.float64, "grad", name)
+
+
+def test_torchtitans_no_mixed_precision_lines_are_dropped_where_v4_autocasts():
+    def record(message):
+        return logging.LogRecord("root", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not drop_no_mixed_precision_lines(
+        record("Mixed precision training with TP or PP is only supported when FSDP/HSDP/CP is enabled.")
+    )
+    assert not drop_no_mixed_precision_lines(record("Mixed precision training is disabled"))
+    assert drop_no_mixed_precision_lines(record("Mixed precision training is handled by fully_shard"))
+    assert drop_no_mixed_precision_lines(record("Using pipeline schedule 1F1B with 4 microbatches and 2 stages."))
+
+
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default}  # fmt: skip
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records (op, input dtypes) of every matmul and every v4:: custom op run under it, after
+    autocast has cast the inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        grouped = getattr(torch.ops.aten, "_grouped_mm", None)
+        if func in MATMULS or (grouped is not None and func.overloadpacket is grouped) or func.namespace == "v4":
+            dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+            self.calls[(str(func.overloadpacket), dtypes)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_GPU)])
+def test_stages_under_autocast_compute_in_the_dtypes_of_a_single_device_run(pp_mesh_of_one, device):
+    """The question torchtitan's warning raises: in a pipeline without FSDP (fp32 parameters), the
+    stages' matmuls, forward and backward, run in exactly the dtypes of a single-device run under
+    bf16 autocast: bf16 where autocast casts, fp32 where V4 keeps fp32 (model/precision.py)."""
+    args = tiny_args(mtp_depth=1)
+    whole = DeepSeekV4Model(args).to(device)
+    whole.init_weights()
+    randomize_(whole, seed=3)
+    names = module_names_for_layer_counts([2, 2], 1)
+    _, parts = pipeline_module_split(whole, pp_mesh_of_one, "Interleaved1F1B", torch.device(device), names)
+    for part in parts:
+        autocast_forward(part, device, torch.bfloat16)
+    tokens = torch.randint(0, args.vocab_size, (2, 16), device=device)
+    labels = torch.randint(0, args.vocab_size, (2, 16), device=device)
+    loss_fn = V4Loss(0.3)
+
+    with MatmulDtypes() as single:  # torchtitan's single-device step: the forward under autocast
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = loss_fn(whole(tokens, token_ids=tokens), labels)
+        loss.backward()
+
+    with MatmulDtypes() as staged:  # stage by stage, as the schedule runs them: nothing around them
+        inputs, outputs = [tokens], []
+        for s, part in enumerate(parts):
+            outputs.append(part(inputs[-1], token_ids=tokens))
+            if s < len(parts) - 1:
+                inputs.append(outputs[-1].detach().requires_grad_())
+        loss_fn(outputs[-1], labels).backward()
+        for s in range(len(parts) - 2, -1, -1):
+            outputs[s].backward(inputs[s + 1].grad)
+
+    assert staged.calls == single.calls
+    bf16 = sum(n for (_, dtypes), n in staged.calls.items() if "torch.bfloat16" in dtypes)
+    assert bf16 > sum(staged.calls.values()) / 2, staged.calls  # the bulk of the matmuls are bf16

@@ -9,6 +9,7 @@ layouts with two data-parallel ranks (which read other data) with one FSDP=2 run
 processes) with FSDP=4. Runs are shared between the tests through a module-scoped cache.
 """
 
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from tests.helpers.tensorboard_metrics import TENSORBOARD_ARGS, precise_metrics
 from tests.helpers.tolerances import BF16_LAYOUT_REL, LAYOUT_REL
-from tests.helpers.train_runner import run_train
+from tests.helpers.train_runner import read_metrics, run_train
 
 STEPS = 5
 TRAIN_ARGS = (
@@ -102,8 +103,33 @@ def reference(runs):
 def test_pipeline_schedules_train_like_one_process(runs, name, args):
     run = runs.get(name, *args, nproc=2)
     assert_same_curves(run, reference(runs))
+    assert_rank_0_logs_the_real_loss(run, runs.root / name)
     if name == "Interleaved1F1B-hash-on-stage-1":
         assert "PP rank 1 is building stage_idx 1 with modules ['layers.0', 'layers.1']" in run[0].log
+
+
+def assert_rank_0_logs_the_real_loss(run, folder):
+    """Rank 0's console line and metrics.jsonl carry the last stage's loss, whichever rank holds
+    that stage (torchtitan alone logs -1 on the other ranks)."""
+    train_run, loss, _ = run
+    console_rank_0 = _rank_0_console_losses(train_run.log)
+    logged = {record["step"]: record["loss"] for record in read_metrics(folder)}
+    assert sorted(logged) == sorted(loss)
+    for step, value in loss.items():
+        assert logged[step] == pytest.approx(value, rel=1e-6), (step, logged, loss)
+        assert console_rank_0[step] == pytest.approx(value, abs=1e-4), (step, console_rank_0, loss)
+
+
+def _rank_0_console_losses(log: str) -> dict[int, float]:
+    """step -> loss of rank 0's step lines in a log with a ``[rank0]:`` prefix per line."""
+    found = {}
+    for line in log.splitlines():
+        if line.startswith("[rank0]:") and (match := _STEP_LINE.search(line)):
+            found[int(match.group(1))] = float(match.group(2))
+    return found
+
+
+_STEP_LINE = re.compile(r"step:\s*(\d+)(?:/\d+)?\s+loss:\s*(-?[\d.]+)")
 
 
 @pytest.mark.slow
@@ -117,6 +143,30 @@ def test_a_pipeline_checkpoint_resumes_in_one_process(runs):
     assert "Training starts at step 4" in run.log
     assert_same_curves((run, *precise_metrics(resumed)), reference(runs), steps=(4, 5))
     assert_same_curves(pp_run, reference(runs))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_pipelining_resumes_in_a_pipeline(runs):
+    """The reverse: the one-process run's step-3 checkpoint (the whole model) resumes under PP=2,
+    each stage taking its part, and trains steps 4-5 like the uninterrupted run. The resume check
+    compares the checkpoint with the whole model's tensors, not with one stage's."""
+    reference(runs)
+    resumed = runs.root / "resumed-in-pp"
+    shutil.copytree(runs.root / "reference" / "checkpoint" / "step-3", resumed / "checkpoint" / "step-3")
+    run = run_train(*TRAIN_ARGS, *PP2, "--job.dump_folder", str(resumed), nproc=2, log_rank="0,1")
+    assert "Training starts at step 4" in run.log
+    assert_same_curves((run, *precise_metrics(resumed)), reference(runs), steps=(4, 5))
+
+
+@pytest.mark.slow
+def test_a_pipeline_starts_from_the_seed_checkpoint_in_its_folder(runs):
+    """torchtitan's seed checkpoint (step-0: the model only, written by one process) in the run's
+    own checkpoint folder: a PP=2 run starts from its weights with no further flag, and trains like
+    the one-process run that loaded the same seed through checkpoint.initial_load_path."""
+    folder = runs.root / "pp-from-seed"
+    shutil.copytree(runs.seed / "checkpoint", folder / "checkpoint")
+    run = run_train(*TRAIN_ARGS, *PP2, "--job.dump_folder", str(folder), nproc=2, log_rank="0,1")
+    assert_same_curves((run, *precise_metrics(folder)), reference(runs))
 
 
 FSDP2 = ("--parallelism.data_parallel_shard_degree", "2")
@@ -153,6 +203,9 @@ def test_a_pipeline_without_fsdp_computes_under_autocast(runs):
     single = runs.get("bf16-reference", *bf16)
     pp = runs.get("bf16-1F1B", *PP2, *bf16, nproc=2)
     assert "the pipeline stages' forward runs under torch.autocast(torch.bfloat16)" in pp[0].log
+    # torchtitan's own line says the opposite (no mixed precision under PP without FSDP): dropped.
+    assert "Mixed precision training with TP or PP" not in pp[0].log
+    assert "Mixed precision training is disabled" not in pp[0].log
     assert_same_curves(pp, single, rel=BF16_LAYOUT_REL)
     # bf16, not fp32: the first step's gradient norm is far from the fp32 pipeline's (1.3e-3
     # measured) and close to the bf16 single process's (1e-5).

@@ -118,3 +118,71 @@ def test_a_model_only_checkpoint_cannot_be_resumed(tmp_path):
 def test_nothing_to_resume(tmp_path):
     assert plan_resume(_checkpointer(tmp_path / "missing"), _job(), dp_degree=1) == -1
     assert plan_resume(_checkpointer(tmp_path), _job(), dp_degree=1) == -1
+
+
+def test_a_seed_checkpoint_in_the_folder_is_loaded_as_the_model_only(tmp_path):
+    """torchtitan's seed checkpoint (step-0, model only) starts a run in its folder with no flag; it
+    must still fit the model."""
+    _save(tmp_path, 0, model_only=True)
+    assert plan_resume(_checkpointer(tmp_path), _job(), dp_degree=1) == 0
+    assert plan_resume(_checkpointer(tmp_path), _job(), dp_degree=2) == 0  # no data position in it
+    with pytest.raises(ResumeError, match="another shape"):
+        plan_resume(_checkpointer(tmp_path, layers=3), _job(), dp_degree=1)
+
+
+def _resume_as_one_pipeline_stage(rank: int, folder: str, init_file: str, layers: int, results) -> None:
+    """One of two gloo ranks, each holding half of the model's layers (the last rank also `out.w`),
+    like two pipeline stages; records what plan_resume answered."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        whole = _model_state(layers)
+        mine = {k: v for k, v in whole.items() if (k.startswith("layers.") and int(k.split(".")[1]) % 2 == rank)
+                or (k == "out.w" and rank == 1)}  # fmt: skip
+        checkpointer = _checkpointer(folder)
+        checkpointer.states["model"] = _Model(mine)
+        try:
+            results[rank] = plan_resume(checkpointer, _job(), dp_degree=1)
+        except ResumeError as e:
+            results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("saved_layers, expected", [(4, 2), (6, "it holds 2 model tensors this model lacks")])
+def test_pipeline_stages_are_checked_against_the_whole_model(tmp_path, saved_layers, expected):
+    """Under pipeline parallelism each rank holds part of the model: a checkpoint of the whole model
+    (saved with or without pipelining) fits, one of a bigger model does not."""
+    import torch.multiprocessing as mp
+
+    _save(tmp_path / "ckpt", 2, layers=saved_layers)
+    results = mp.Manager().dict()
+    mp.spawn(_resume_as_one_pipeline_stage, args=(str(tmp_path / "ckpt"), str(tmp_path / "init"), 4, results), nprocs=2)
+    for rank in (0, 1):
+        if isinstance(expected, int):
+            assert results[rank] == expected
+        else:
+            assert expected in results[rank]
+
+
+def test_a_newest_checkpoint_changed_in_place_falls_back_naming_the_file(tmp_path, caplog):
+    """Same size, other bytes: only the checksums recorded at the save tell (titan_v4/checkpoint/checksums.py)."""
+    from titan_v4.checkpoint.checksums import write_checksums
+
+    for step in (2, 4):
+        write_checksums(_save(tmp_path, step), 0, 1)
+    newest = str(tmp_path / "step-4")
+    data = _data_file(newest)
+    size = os.path.getsize(data)
+    with open(data, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\x00\xff" * 8)
+    assert os.path.getsize(data) == size
+    with caplog.at_level(logging.WARNING):
+        assert plan_resume(_checkpointer(tmp_path), _job(), dp_degree=1) == 2
+    assert f"checkpoint {newest} is damaged: {data} was changed after the save" in caplog.text
+    with pytest.raises(ResumeError, match=f"checkpoint.load_step=4: checkpoint {newest} is damaged: {data} was changed"):
+        plan_resume(_checkpointer(tmp_path), _job(load_step=4), dp_degree=1)
+    # With the check off (v4.checkpoint_checksums = false) the newest is taken as before.
+    assert plan_resume(_checkpointer(tmp_path), _job(), dp_degree=1, verify_checksums=False) == 4

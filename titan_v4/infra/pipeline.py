@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -273,8 +274,21 @@ def pipeline_deepseek_v4(
     if dtype is not None:
         for part in model_parts:
             autocast_forward(part, device.type, dtype)
-        logger.info(f"titan_v4: the pipeline stages' forward runs under torch.autocast({dtype})")
+        logger.addFilter(drop_no_mixed_precision_lines)
+        logger.info(
+            f"titan_v4: the pipeline stages' forward runs under torch.autocast({dtype}) "
+            "(training.mixed_precision_param), like a single-device run"
+        )
     return schedule, model_parts, has_first_stage, has_last_stage
+
+
+def drop_no_mixed_precision_lines(record: logging.LogRecord) -> bool:
+    """A filter for torchtitan's logger: False for the two lines with which torchtitan 0.2.2 announces
+    that a pipeline without FSDP trains without mixed precision ("Mixed precision training with TP
+    or PP is only supported when FSDP/HSDP/CP is enabled." / "... is disabled"), installed where V4
+    autocasts the stages itself and the lines would be false."""
+    message = record.getMessage()
+    return not message.startswith(("Mixed precision training with TP or PP", "Mixed precision training is disabled"))
 
 
 def stage_autocast_dtype(parallel_dims: ParallelDims, job_config: JobConfig) -> torch.dtype | None:

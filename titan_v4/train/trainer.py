@@ -17,6 +17,8 @@ What ``V4Trainer`` adds to torchtitan 0.2.2's ``Trainer``:
   PP gradients are ~#tokens times too large (measured 500-1000x). When the loss function has a
   settable ``denom`` (titan_v4's loss does), it is set to the global valid-token count for the
   step so the schedule backpropagates normalised losses; any other loss function runs unchanged.
+* Under pipeline parallelism ``forward_backward_step`` returns the last stage's loss on every rank
+  (0.2.2 returns -1 where the last stage does not live, and rank 0 logs it).
 * ``forward_backward_step`` also sets the gradient scale of the auxiliary losses (the MoE
   sequence-wise balance loss and the indexer's KL, which each layer attaches to its own output's
   gradient) to this microbatch's share of the step's valid tokens, so it averages over gradient-accumulation microbatches, pipeline
@@ -34,7 +36,8 @@ What ``V4Trainer`` adds to torchtitan 0.2.2's ``Trainer``:
   the same clipped update with one pass over the gradients fewer.
 * Reliability (docs/reliability.md): the whole config is checked before anything is built
   (``titan_v4/train/checks.py``); the checkpoint to resume is checked and damaged ones are skipped
-  (``titan_v4/train/resume.py``); a NaN/inf loss or gradient stops the run before it writes a
+  (``titan_v4/train/resume.py``; checksums recorded after each save find files changed in place);
+  a NaN/inf loss or gradient stops the run before it writes a
   checkpoint (``titan_v4/train/nonfinite.py``); ``keep_latest_k`` also applies to the final save.
 """
 
@@ -43,6 +46,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from titan_v4.infra import cpu_shim
 
@@ -83,6 +87,8 @@ class V4Trainer(ObserveLoss, Trainer):
             # (titan_v4/train/optimizer.py). A load-only run (steps 0) needs none, and a model that
             # fits only without optimizer state can still be loaded.
             init_optimizer_state(self.optimizers)
+        if self.checkpointer.enable and v4_settings(job_config).checkpoint_checksums:
+            resume.record_checksums(self.checkpointer)
         self.folded_clipping = FoldedClipping(self.optimizers)
         logger.info(
             f"titan_v4: gradient clipping at training.max_norm={job_config.training.max_norm} "
@@ -135,10 +141,15 @@ class V4Trainer(ObserveLoss, Trainer):
         if self.parallel_dims.pp_enabled:
             share = share / self.pp_schedule._n_microbatches  # one auxiliary loss per PP microbatch
         set_aux_loss_scale(self.model_parts, share)
-        if not self.parallel_dims.pp_enabled or not hasattr(self.loss_fn, "denom"):
+        if not self.parallel_dims.pp_enabled:
             return super().forward_backward_step(
                 input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
             )
+        if not hasattr(self.loss_fn, "denom"):
+            loss = super().forward_backward_step(
+                input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+            )
+            return self._last_stage_loss(loss)
         # Each microbatch loss is now already divided by the step's token count, so the gradients
         # the schedule computes are normalised like the non-PP path's.
         self.loss_fn.denom = global_valid_tokens
@@ -149,8 +160,21 @@ class V4Trainer(ObserveLoss, Trainer):
         finally:
             self.loss_fn.denom = None
         # The base class divides the summed microbatch losses by global_valid_tokens again for
-        # reporting; undo that on the last stage (other stages report the placeholder -1).
-        return loss * global_valid_tokens if self.pp_has_last_stage else loss
+        # reporting; undo that on the last stage (other stages hold the placeholder -1).
+        return self._last_stage_loss(loss * global_valid_tokens if self.pp_has_last_stage else loss)
+
+    def _last_stage_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss of the last pipeline stage, on every rank of the pipeline.
+
+        torchtitan 0.2.2 returns the real loss only where the last stage lives (the last PP rank, or
+        PP rank 0 for the V-shaped schedules) and -1 elsewhere, and logs rank 0's value: the console
+        and metrics.jsonl showed -1 under PP. One scalar all-reduce over the PP group, in which
+        exactly one rank holds the last stage, gives every rank the real value.
+        """
+        mine = loss.detach().reshape(()) if self.pp_has_last_stage else torch.zeros((), device=self.device)
+        mine = mine.to(torch.float32)
+        dist.all_reduce(mine, group=self.parallel_dims.get_mesh("pp").get_group())
+        return mine
 
     def train_step(self, data_iterator):
         with self.folded_clipping.during_step():  # the clip's scaling done by the fused AdamW
@@ -177,7 +201,10 @@ class V4Trainer(ObserveLoss, Trainer):
     def train(self) -> None:
         start = time.perf_counter()
         dp_degree = getattr(self.dataloader, "dp_world_size", 1)
-        self.job_config.checkpoint.load_step = resume.plan_resume(self.checkpointer, self.job_config, dp_degree)
+        verify = v4_settings(self.job_config).checkpoint_checksums
+        self.job_config.checkpoint.load_step = resume.plan_resume(
+            self.checkpointer, self.job_config, dp_degree, verify_checksums=verify
+        )
         super().train()
         resume.purge_after_final_save(self.checkpointer)
         logger.info(f"titan_v4: training stopped at step {self.step} after {time.perf_counter() - start:.1f} s")
