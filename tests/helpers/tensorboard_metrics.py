@@ -12,8 +12,8 @@ TENSORBOARD_ARGS = ("--metrics.enable_tensorboard", "--metrics.save_for_all_rank
 def precise_metrics(dump_folder: Path) -> tuple[dict[int, float], dict[int, float]]:
     """(loss, grad_norm) per step of a run made with TENSORBOARD_ARGS.
 
-    The loss comes from the rank that logged a real one: under pipeline parallelism only the ranks
-    that hold the last stage do, the others log -1. Every rank logs the same global grad norm.
+    The loss comes from a rank that logged a real one (not torchtitan's placeholder -1, which V4Trainer
+    replaces with the last pipeline stage's loss on every rank). Every rank logs the same global grad norm.
     """
     loss: dict[int, float] = {}
     grad_norm: dict[int, float] = {}
