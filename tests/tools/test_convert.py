@@ -143,3 +143,40 @@ def test_peak_host_memory_is_about_one_block(tmp_path):
     grew = float(re.search(r"peak host memory [\d.]+ GiB \(([\d.]+) GiB above the start\)", proc.stdout).group(1)) * 2**30
     assert grew < 3 * block + 48 * 2**20, (grew / 2**20, block / 2**20, proc.stdout[-3000:])
     assert len(re.findall(r"convert: \[\d+/10\]", proc.stdout)) == 10  # progress: top + 8 layers + MTP
+
+
+# ---------------------------------------------------------------------------------- RoPE settings
+def with_compress_rope(path, compress: dict) -> dict:
+    """Rewrite path/config.json's compressed-layer RoPE (HF's nested form); returns the new
+    rope_parameters."""
+    config = json.loads((path / "config.json").read_text())
+    config["rope_parameters"]["compress"] = compress
+    (path / "config.json").write_text(json.dumps(config))
+    return config["rope_parameters"]
+
+
+ROTARY_FRACTION = ARGS.rope_head_dim / ARGS.head_dim
+OTHER_COMPRESS_ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 160000.0, "partial_rotary_factor": ROTARY_FRACTION},
+    "yarn-own-values": {
+        "rope_type": "yarn", "rope_theta": 40000.0, "partial_rotary_factor": ROTARY_FRACTION, "factor": 4.0,
+        "original_max_position_embeddings": 2048, "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.25,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_COMPRESS_ROPES))
+def test_hf_to_hf_keeps_the_rope_parameters(tmp_path, name):
+    write_random_hf(tmp_path / "in", ARGS)
+    rope = with_compress_rope(tmp_path / "in", OTHER_COMPRESS_ROPES[name])
+    convert(tmp_path / "in", "hf", tmp_path / "out", "hf")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"] == rope
+
+
+def test_a_rope_the_model_lacks_is_refused_naming_the_field(tmp_path):
+    write_random_hf(tmp_path / "in", ARGS)
+    with_compress_rope(tmp_path / "in", {**OTHER_COMPRESS_ROPES["default"], "rope_type": "llama3"})
+    config = re.escape(str(tmp_path / "in" / "config.json"))
+    with pytest.raises(SystemExit, match=rf"^convert: {config}: .*rope_parameters.compress.rope_type = 'llama3' is not supported; allowed: 'default', 'yarn'$"):
+        main(["--input", str(tmp_path / "in"), "--input-format", "hf", "--output", str(tmp_path / "out"), "--output-format", "dcp"])
+

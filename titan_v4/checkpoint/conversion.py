@@ -28,7 +28,7 @@ from titan_v4.checkpoint.reader import GIB, peak_host_memory_gib
 from titan_v4.checkpoint.safetensors_file import write_file
 from titan_v4.checkpoint.state_dict_adapter import DeepSeekV4StateDictAdapter, expected_hf_tensors
 from titan_v4.flavors import deepseek_v4_args
-from titan_v4.model.args import DeepSeekV4ModelArgs
+from titan_v4.model.args import DeepSeekV4ModelArgs, ModelArgsError
 from titan_v4.model.model import DeepSeekV4Model
 
 DCP = "dcp"
@@ -69,7 +69,10 @@ def model_args(input_dir: Path, flavor: str | None) -> DeepSeekV4ModelArgs:
         return args
     if not config_path.is_file():
         raise CheckpointMismatchError(f"{input_dir} has no {CONFIG_FILE}: name the model with --flavor (one of {sorted(deepseek_v4_args)})")
-    return args_from_hf_config(json.loads(config_path.read_text()))
+    try:
+        return args_from_hf_config(json.loads(config_path.read_text()))
+    except (ModelArgsError, json.JSONDecodeError) as e:  # a config the model cannot be built from
+        raise CheckpointMismatchError(f"{config_path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------- inputs
