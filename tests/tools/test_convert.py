@@ -180,3 +180,12 @@ def test_a_rope_the_model_lacks_is_refused_naming_the_field(tmp_path):
     with pytest.raises(SystemExit, match=rf"^convert: {config}: .*rope_parameters.compress.rope_type = 'llama3' is not supported; allowed: 'default', 'yarn'$"):
         main(["--input", str(tmp_path / "in"), "--input-format", "hf", "--output", str(tmp_path / "out"), "--output-format", "dcp"])
 
+
+def test_a_config_without_yarn_is_compared_with_a_flavor_on_what_it_states(tmp_path):
+    """debugmodel has YaRN (original length 512); a file without YaRN differs from it in the RoPE
+    type, which is what the refusal names, not YaRN values the file does not have."""
+    write_random_hf(tmp_path / "in", ARGS)
+    with_compress_rope(tmp_path / "in", OTHER_COMPRESS_ROPES["default"])
+    with pytest.raises(CheckpointMismatchError, match=r"config.json: compress_rope_type = 'default', but the configured model has compress_rope_type = 'yarn'$"):
+        convert(tmp_path / "in", "hf", tmp_path / "out", "dcp", flavor="debugmodel")
+
