@@ -90,3 +90,14 @@ def test_unknown_layout_is_refused(tmp_path):
     write_official(tmp_path, ARGS, WEIGHTS, drop=("embed.weight",))
     with pytest.raises(CheckpointMismatchError, match="cannot tell the layout: expected the official `embed.weight` or HF's `model.embed_tokens.weight`, found neither"):
         CheckpointDirectory(tmp_path)
+
+
+def test_a_config_without_yarn_is_compared_on_what_it_states(tmp_path):
+    """A config.json whose compressed-layer RoPE is plain states no YaRN values: against a YaRN
+    model the RoPE type is named, and a plain-RoPE model loads it whatever its (unused) YaRN fields."""
+    config = hf_config_from_args(ARGS)
+    config["rope_parameters"]["compress"] = {"rope_type": "default", "rope_theta": ARGS.compress_rope_theta}
+    write_official(tmp_path, ARGS, WEIGHTS, config=config)
+    refuses(tmp_path, ARGS, CheckpointMismatchError, r"config.json: compress_rope_type = 'default', but the configured model has compress_rope_type = 'yarn'$")
+    model = DeepSeekV4Model(ARGS.replace(compress_rope_type="default", original_seq_len=4096, rope_factor=8.0))
+    load_like_torchtitan(model, tmp_path)

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from titan_v4.checkpoint.hf_config import args_from_hf_config, config_fields, hf_config_from_args
 from titan_v4.flavors import deepseek_v4_args
@@ -78,3 +79,99 @@ def test_config_fields_are_the_architecture():
     fields = config_fields(FLASH_HF_CONFIG)
     assert {"dim", "attn_types", "n_routed_experts", "mtp_depth", "route_scale"} <= set(fields)
     assert not {"max_seq_len", "seq_balance_loss_weight", "load_balance_coeff", "clamp_shared_experts"} & set(fields)
+
+
+# ---------------------------------------------------------------------------------- RoPE settings
+# The compressed layers' RoPE of a V4 config.json in HF's nested `rope_parameters` form: the ones
+# titan-v4 implements, with values other than the released ones.
+MAIN_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.125}
+COMPRESS_ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 160000.0, "partial_rotary_factor": 0.125},
+    "yarn-own-values": {
+        "rope_type": "yarn", "rope_theta": 40000.0, "partial_rotary_factor": 0.125, "factor": 4.0,
+        "original_max_position_embeddings": 4096, "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.25,
+    },
+}  # fmt: skip
+
+
+def nested_rope_config(compress: dict, main: dict = MAIN_ROPE) -> dict:
+    """FLASH_HF_CONFIG with HF's nested rope_parameters instead of the legacy rope_scaling."""
+    config = {k: v for k, v in FLASH_HF_CONFIG.items() if k != "rope_scaling"}
+    return {**config, "rope_parameters": {"main": dict(main), "compress": dict(compress)}}
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESS_ROPES))
+def test_rope_parameters_round_trip_exactly(name):
+    """config.json -> args -> config.json keeps rope_parameters as written, and args -> config.json
+    -> args keeps every field."""
+    config = nested_rope_config(COMPRESS_ROPES[name])
+    args = args_from_hf_config(config)
+    assert hf_config_from_args(args)["rope_parameters"] == config["rope_parameters"]
+    assert _same(args_from_hf_config(hf_config_from_args(args)), args) == []
+
+
+# Configs whose RoPE transformers reads in every way it can be written: legacy `rope_scaling`, a
+# flat `rope_parameters` (both get attention_factor 1), nested (attention factor from the file,
+# else from `mscale` / `factor` as YaRN defines it), official names, and no RoPE settings at all.
+ROPE_CONFIGS = {
+    "released-rope_scaling": FLASH_HF_CONFIG,
+    "no-rope-settings": {k: v for k, v in FLASH_HF_CONFIG.items() if k != "rope_scaling"},
+    "flat-rope_parameters": {
+        **{k: v for k, v in FLASH_HF_CONFIG.items() if k != "rope_scaling"},
+        "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 1024, "beta_fast": 24.0},
+        "max_position_embeddings": 8192,
+    },
+    **{f"nested-{name}": nested_rope_config(compress) for name, compress in COMPRESS_ROPES.items()},
+    "nested-yarn-without-attention_factor": nested_rope_config(
+        {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 8.0, "original_max_position_embeddings": 1024}
+    ),
+    "nested-yarn-mscale": nested_rope_config(
+        {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 8.0, "original_max_position_embeddings": 1024,
+         "mscale": 1.0, "mscale_all_dim": 0.5}
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_CONFIGS))
+def test_rope_tables_equal_transformers(name):
+    """Both RoPE tables of the args read from a config.json equal the cos / sin (times YaRN's
+    attention factor) that HF transformers' DeepseekV4RotaryEmbedding computes from the same file."""
+    transformers = pytest.importorskip("transformers", minversion="5.9")
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
+
+    from titan_v4.model.rope import compress_rope_table, main_rope_table
+
+    seq = 2048
+    config = ROPE_CONFIGS[name]
+    args = args_from_hf_config(config, max_seq_len=seq)
+    hf = DeepseekV4RotaryEmbedding(transformers.DeepseekV4Config(**config))
+    positions = torch.arange(seq)[None]
+    for label, table in (("main", main_rope_table(args)), ("compress", compress_rope_table(args))):
+        cos, sin = hf(torch.zeros(1, dtype=torch.float32), positions, layer_type=label)
+        # Angles up to ~2000 rad in fp32: a few ulp of the angle apart at most.
+        assert torch.allclose(table[0], cos[0], rtol=0, atol=2e-4), (label, (table[0] - cos[0]).abs().max())
+        assert torch.allclose(table[1], sin[0], rtol=0, atol=2e-4), (label, (table[1] - sin[0]).abs().max())
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        pytest.param(nested_rope_config({**COMPRESS_ROPES["default"], "rope_type": "llama3"}),
+                     r"rope_parameters.compress.rope_type = 'llama3' is not supported; allowed: 'default', 'yarn'", id="llama3"),
+        pytest.param(nested_rope_config({**COMPRESS_ROPES["default"], "rope_type": "dynamic"}),
+                     r"rope_parameters.compress.rope_type = 'dynamic' is not supported; allowed: 'default', 'yarn'", id="dynamic"),
+        pytest.param({**FLASH_HF_CONFIG, "rope_scaling": {**FLASH_HF_CONFIG["rope_scaling"], "type": "longrope"}},
+                     r"rope_scaling.type = 'longrope' is not supported; allowed: 'default', 'yarn'", id="legacy-longrope"),
+        pytest.param(nested_rope_config(COMPRESS_ROPES["default"], main={**MAIN_ROPE, "rope_type": "yarn"}),
+                     r"rope_parameters.main.rope_type = 'yarn' is not supported; allowed: 'default'", id="main-yarn"),
+        pytest.param(nested_rope_config({k: v for k, v in COMPRESS_ROPES["yarn-own-values"].items() if k != "factor"}),
+                     r"rope_parameters.compress.factor is missing; YaRN needs it", id="yarn-without-factor"),
+        pytest.param(nested_rope_config({**COMPRESS_ROPES["yarn-own-values"], "truncate": False}),
+                     r"rope_parameters.compress.truncate = False is not supported; allowed: true", id="no-truncate"),
+        pytest.param(nested_rope_config({**COMPRESS_ROPES["default"], "partial_rotary_factor": 0.25}),
+                     r"rope_parameters.compress.partial_rotary_factor = 0.25 is not supported; allowed: 0.125", id="rotary-fraction"),
+    ],
+)  # fmt: skip
+def test_rope_settings_the_model_lacks_are_refused(config, match):
+    with pytest.raises(ModelArgsError, match=match):
+        args_from_hf_config(config)

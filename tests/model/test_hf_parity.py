@@ -10,6 +10,8 @@ parameter, including position biases, sinks, mHC parameters and the correction b
 non-zero.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -28,7 +30,11 @@ SEQ = 40  # not a multiple of the HCA ratio (16); > window (8); CSA visible entr
 VOCAB = 256
 
 
-def hf_config(swiglu_limit: float) -> DeepseekV4Config:
+# original length 32 < SEQ so YaRN's ramp covers several of the 8 rope frequencies
+RELEASED_LIKE_ROPE = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0}
+
+
+def hf_config(swiglu_limit: float, rope_parameters: dict = RELEASED_LIKE_ROPE) -> DeepseekV4Config:
     return DeepseekV4Config(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -64,9 +70,7 @@ def hf_config(swiglu_limit: float) -> DeepseekV4Config:
         hc_eps=1e-6,
         rope_theta=10000.0,
         compress_rope_theta=160000.0,
-        # original length 32 < SEQ so YaRN's ramp covers several of the 8 rope frequencies
-        rope_parameters={"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32,
-                         "beta_fast": 32.0, "beta_slow": 1.0},
+        rope_parameters=copy.deepcopy(rope_parameters),  # HF edits the dicts it is given
         max_position_embeddings=4096,
         num_nextn_predict_layers=1,
         tie_word_embeddings=False,
@@ -96,9 +100,9 @@ def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
                 b.copy_(torch.rand(b.shape[0], n_experts, generator=gen).argsort(-1)[:, : b.shape[1]])
 
 
-def build_pair(swiglu_limit: float = 1.0):
+def build_pair(swiglu_limit: float = 1.0, rope_parameters: dict = RELEASED_LIKE_ROPE):
     torch.manual_seed(0)
-    cfg = hf_config(swiglu_limit)
+    cfg = hf_config(swiglu_limit, rope_parameters)
     cfg._experts_implementation = "eager"  # HF's per-expert loop: the plainest reference (and fp64-capable)
     hf = DeepseekV4ForCausalLM(cfg).float().eval()
     randomize(hf, torch.Generator().manual_seed(1234))
@@ -171,3 +175,33 @@ def test_clamp_is_exercised():
     hf_b, _, _ = build_pair(1e6)
     tokens = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(3))
     assert errors(hf_a(input_ids=tokens).logits, hf_b(input_ids=tokens).logits).rel_rms > 1e-3
+
+
+# The compressed layers' RoPE written in HF's nested form with settings other than the released ones
+# (the main table stays plain: V4's sliding-window layers have no other).
+MAIN_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+OTHER_COMPRESS_ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 160000.0},
+    "yarn-own-values": {"rope_type": "yarn", "rope_theta": 40000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+                        "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.25},
+    "yarn-mscale": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 8.0, "original_max_position_embeddings": 24,
+                    "mscale": 1.0, "mscale_all_dim": 0.5},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_COMPRESS_ROPES))
+def test_logits_match_hf_for_other_compress_ropes(name):
+    """Logits within the parity bound of HF's fp64 ones for a config whose compressed-layer RoPE is
+    plain or YaRN with its own factor, original length, betas and attention factor (stated or from
+    mscale); the setting changes HF's logits well beyond that bound, so it is exercised."""
+    rope = {"main": MAIN_ROPE, "compress": OTHER_COMPRESS_ROPES[name]}
+    hf, titan, _ = build_pair(rope_parameters=rope)
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        titan_logits = titan(tokens)
+        hf64_logits = hf.double()(input_ids=tokens).logits
+        released_like, _, _ = build_pair()
+        other_rope_logits = released_like.double()(input_ids=tokens).logits
+    err = errors(titan_logits, hf64_logits).rel_rms
+    assert err <= LOGITS_REL_RMS, f"logits relative RMS error {err:.3e}"
+    assert errors(other_rope_logits, hf64_logits).rel_rms > 100 * LOGITS_REL_RMS

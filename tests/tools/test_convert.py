@@ -5,6 +5,7 @@ is checked by HF transformers loading it."""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -143,3 +144,106 @@ def test_peak_host_memory_is_about_one_block(tmp_path):
     grew = float(re.search(r"peak host memory [\d.]+ GiB \(([\d.]+) GiB above the start\)", proc.stdout).group(1)) * 2**30
     assert grew < 3 * block + 48 * 2**20, (grew / 2**20, block / 2**20, proc.stdout[-3000:])
     assert len(re.findall(r"convert: \[\d+/10\]", proc.stdout)) == 10  # progress: top + 8 layers + MTP
+
+
+# ---------------------------------------------------------------------------------- RoPE settings
+def with_compress_rope(path, compress: dict) -> dict:
+    """Rewrite path/config.json's compressed-layer RoPE (HF's nested form); returns the new
+    rope_parameters."""
+    config = json.loads((path / "config.json").read_text())
+    config["rope_parameters"]["compress"] = compress
+    (path / "config.json").write_text(json.dumps(config))
+    return config["rope_parameters"]
+
+
+ROTARY_FRACTION = ARGS.rope_head_dim / ARGS.head_dim
+OTHER_COMPRESS_ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 160000.0, "partial_rotary_factor": ROTARY_FRACTION},
+    "yarn-own-values": {
+        "rope_type": "yarn", "rope_theta": 40000.0, "partial_rotary_factor": ROTARY_FRACTION, "factor": 4.0,
+        "original_max_position_embeddings": 2048, "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.25,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_COMPRESS_ROPES))
+def test_hf_to_hf_keeps_the_rope_parameters(tmp_path, name):
+    write_random_hf(tmp_path / "in", ARGS)
+    rope = with_compress_rope(tmp_path / "in", OTHER_COMPRESS_ROPES[name])
+    convert(tmp_path / "in", "hf", tmp_path / "out", "hf")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"] == rope
+
+
+def test_a_rope_the_model_lacks_is_refused_naming_the_field(tmp_path):
+    write_random_hf(tmp_path / "in", ARGS)
+    with_compress_rope(tmp_path / "in", {**OTHER_COMPRESS_ROPES["default"], "rope_type": "llama3"})
+    config = re.escape(str(tmp_path / "in" / "config.json"))
+    with pytest.raises(SystemExit, match=rf"^convert: {config}: .*rope_parameters.compress.rope_type = 'llama3' is not supported; allowed: 'default', 'yarn'$"):
+        main(["--input", str(tmp_path / "in"), "--input-format", "hf", "--output", str(tmp_path / "out"), "--output-format", "dcp"])
+
+
+def test_a_config_without_yarn_is_compared_with_a_flavor_on_what_it_states(tmp_path):
+    """debugmodel has YaRN (original length 512); a file without YaRN differs from it in the RoPE
+    type, which is what the refusal names, not YaRN values the file does not have."""
+    write_random_hf(tmp_path / "in", ARGS)
+    with_compress_rope(tmp_path / "in", OTHER_COMPRESS_ROPES["default"])
+    with pytest.raises(CheckpointMismatchError, match=r"config.json: compress_rope_type = 'default', but the configured model has compress_rope_type = 'yarn'$"):
+        convert(tmp_path / "in", "hf", tmp_path / "out", "dcp", flavor="debugmodel")
+
+
+# ---------------------------------------------------------------------------------- non-finite values
+def overwrite(stored, element: int, raw: bytes) -> None:
+    """Overwrite the bytes of element `element` (and on) of a stored tensor, in place."""
+    with open(stored.file, "r+b") as f:
+        f.seek(stored.begin + element * stored.torch_dtype.itemsize)
+        f.write(raw)
+
+
+def stored_tensor(path, name):
+    return next(t for f in sorted(path.glob("*.safetensors")) for n, t in read_header(f).items() if n == name)
+
+
+def test_non_finite_hf_values_are_refused_naming_tensor_and_file(tmp_path):
+    write_random_hf(tmp_path / "hf", ARGS)
+    name = "model.layers.2.self_attn.q_b_proj.weight"
+    stored = stored_tensor(tmp_path / "hf", name)
+    size = stored.file.stat().st_size
+    columns = stored.shape[1]
+    overwrite(stored, 3 * columns + 5, b"\xff\xff" + b"\x80\x7f")  # bf16 NaN, +inf at [3, 5], [3, 6]
+    overwrite(stored, 7 * columns, b"\x80\xff")  # -inf at [7, 0]
+    assert stored.file.stat().st_size == size
+    file = re.escape(str(stored.file))
+    with pytest.raises(SystemExit, match=rf"^convert: {file}: {re.escape(name)} holds 3 non-finite values \(NaN or inf\), the first at \[3, 5\]$"):
+        main(["--input", str(tmp_path / "hf"), "--input-format", "hf", "--output", str(tmp_path / "dcp"), "--output-format", "dcp"])
+
+
+@pytest.mark.parametrize(
+    "name, raw, dtype, found",
+    [
+        pytest.param("layers.1.attn.wq_b.weight", b"\x7f", [], "", id="fp8-weight"),  # E4M3 NaN
+        pytest.param("layers.1.attn.wq_b.scale", b"\xff", [], "", id="fp8-scale"),  # E8M0 NaN
+        pytest.param("layers.3.ffn.experts.5.w2.scale", b"\xff", [], "", id="fp4-scale"),
+        # fp32's largest value, finite as stored, rounds to inf in bf16
+        pytest.param("layers.1.hc_attn_fn", b"\xff\xff\x7f\x7f", ["--dtype", "bfloat16"], " once cast to torch.bfloat16", id="cast-overflow"),
+    ],
+)  # fmt: skip
+def test_non_finite_official_values_are_refused_naming_tensor_and_file(official, tmp_path, name, raw, dtype, found):
+    """A NaN code in an FP8 weight or in the E8M0 scale of an FP8 / FP4 weight (E2M1 codes are all
+    finite), or a value `--dtype` cannot hold, is named with the stored tensor that holds it."""
+    shutil.copytree(official[0], tmp_path / "official")
+    stored = stored_tensor(tmp_path / "official", name)
+    overwrite(stored, 1, raw)
+    file = re.escape(str(stored.file))
+    index = [int(i) for i in torch.unravel_index(torch.tensor(1), stored.shape)]  # element 1, overwritten
+    with pytest.raises(SystemExit, match=rf"^convert: {file}: {re.escape(name)} holds 1 non-finite value \(NaN or inf\), the first at {re.escape(str(index))}{found}$"):
+        main(["--input", str(tmp_path / "official"), "--input-format", "official", "--output", str(tmp_path / "hf"), "--output-format", "hf", *dtype])
+
+
+def test_non_finite_dcp_values_are_refused_naming_tensor_and_file(official, tmp_path):
+    convert(official[0], "official", tmp_path / "dcp", "dcp")
+    state = DeepSeekV4Model(ARGS).state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    state["layers.2.attention.wkv.weight"][4, 9] = float("inf")
+    dcp.save(state, checkpoint_id=str(tmp_path / "bad"), no_dist=True)
+    with pytest.raises(SystemExit, match=r"^convert: \S+\.distcp: layers.2.attention.wkv.weight holds 1 non-finite value \(NaN or inf\), the first at \[4, 9\]$"):
+        main(["--input", str(tmp_path / "bad"), "--input-format", "dcp", "--output", str(tmp_path / "hf"), "--output-format", "hf", "--flavor", "debugmodel"])

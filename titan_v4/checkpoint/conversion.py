@@ -4,7 +4,8 @@ at a time (the command line is titan_v4/tools/convert.py, which documents the fo
 :func:`convert` reads the model from the input's config.json or a flavor, checks the input against
 it before anything is converted, and streams one block (a layer, an MTP depth, or the embedding /
 head group) at a time: the host memory it needs is about one block plus the file being written.
-Progress is logged per block, and the peak host memory at the end.
+Progress is logged per block, and the peak host memory at the end. Every input tensor is checked
+for NaN / inf as its block is read (NonFiniteValueError names the stored tensor and file).
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from titan_v4.checkpoint import names
 from titan_v4.checkpoint.directory import CONFIG_FILE, HF, INDEX_FILE, CheckpointDirectory, CheckpointMismatchError, check_config
 from titan_v4.checkpoint.hf_config import args_from_hf_config, hf_config_from_args
+from titan_v4.checkpoint.quantization import decode_scales
 from titan_v4.checkpoint.reader import GIB, peak_host_memory_gib
 from titan_v4.checkpoint.safetensors_file import write_file
+from titan_v4.checkpoint.source import Entry
 from titan_v4.checkpoint.state_dict_adapter import DeepSeekV4StateDictAdapter, expected_hf_tensors
 from titan_v4.flavors import deepseek_v4_args
-from titan_v4.model.args import DeepSeekV4ModelArgs
+from titan_v4.model.args import DeepSeekV4ModelArgs, ModelArgsError
 from titan_v4.model.model import DeepSeekV4Model
 
 DCP = "dcp"
@@ -37,6 +41,13 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 # Top-level entries of a torchtitan training checkpoint that are not model weights.
 TRAINING_STATE = ("optimizer", "lr_scheduler", "dataloader", "train_state")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# Elements per isfinite pass: the mask it allocates stays at 16 MiB whatever the tensor's size.
+FINITE_CHUNK = 1 << 24
+
+
+class NonFiniteValueError(ValueError):
+    """An input tensor holds a NaN or an infinity; the message names the stored tensor (for a
+    quantised weight, the weight or its scale), its file, how many and the first index."""
 
 
 def log(message: str) -> None:
@@ -69,7 +80,53 @@ def model_args(input_dir: Path, flavor: str | None) -> DeepSeekV4ModelArgs:
         return args
     if not config_path.is_file():
         raise CheckpointMismatchError(f"{input_dir} has no {CONFIG_FILE}: name the model with --flavor (one of {sorted(deepseek_v4_args)})")
-    return args_from_hf_config(json.loads(config_path.read_text()))
+    try:
+        return args_from_hf_config(json.loads(config_path.read_text()))
+    except (ModelArgsError, json.JSONDecodeError) as e:  # a config the model cannot be built from
+        raise CheckpointMismatchError(f"{config_path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------- finite values
+def all_finite(values: torch.Tensor) -> bool:
+    """True unless a floating tensor holds a NaN or an infinity; FINITE_CHUNK elements at a time."""
+    if not values.is_floating_point():
+        return True
+    flat = values.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
+
+
+def non_finite(values: torch.Tensor) -> str | None:
+    """None for a tensor of finite values, else "holds N non-finite value(s) (NaN or inf), the first
+    at [i, j, ...]"."""
+    if all_finite(values):
+        return None
+    flat = values.reshape(-1)
+    count, first = 0, None
+    for i in range(0, flat.numel(), FINITE_CHUNK):
+        bad = ~torch.isfinite(flat[i : i + FINITE_CHUNK])
+        if first is None and bad.any():
+            first = i + int(bad.nonzero()[0])
+        count += int(bad.sum())
+    index = [int(i) for i in torch.unravel_index(torch.tensor(first), values.shape)]
+    return f"holds {count} non-finite value{'s' if count > 1 else ''} (NaN or inf), the first at {index}"
+
+
+def refuse_non_finite_entry(entry: Entry, dtype: torch.dtype) -> None:
+    """Raise NonFiniteValueError for the first stored tensor of `entry` whose values, read as `dtype`,
+    are not all finite: a quantised weight's scales (E8M0 has a NaN code, fp32 scales may be
+    anything), its decoded values (E4M3 has NaN codes), then the cast to `dtype` (fp32 beyond
+    bf16's range rounds to inf)."""
+    for source in entry.all_sources():
+        if source.scale is not None:
+            scales = decode_scales(source.scale.read_rows(0, source.scale.shape[0]))
+            if (found := non_finite(scales)) is not None:
+                raise NonFiniteValueError(f"{source.scale.file}: {source.scale.name} {found}")
+        values = source.read((0,) * len(source.shape), source.shape, torch.device("cpu"))
+        if (found := non_finite(values)) is not None:
+            raise NonFiniteValueError(f"{source.weight.file}: {source.weight.name} {found}")
+        if (found := non_finite(values.to(dtype))) is not None:
+            raise NonFiniteValueError(f"{source.weight.file}: {source.weight.name} {found} once cast to {dtype}")
+    raise AssertionError(f"{entry.key} read as {dtype} is not finite, but none of its stored tensors is")
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -84,7 +141,14 @@ class SafetensorsInput:
         self.order = blocks_in_order(self.entries)
 
     def hf_block(self, block: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        return {k: e.read_all(cast(e.dtype, dtype)) for k, e in self.entries.items() if block_of(k) == block}
+        """The block's tensors, every value finite (else NonFiniteValueError)."""
+        tensors = {}
+        for key, entry in self.entries.items():
+            if block_of(key) == block:
+                tensors[key] = entry.read_all(cast(entry.dtype, dtype))
+                if not all_finite(tensors[key]):
+                    refuse_non_finite_entry(entry, tensors[key].dtype)
+        return tensors
 
 
 class DcpInput:
@@ -93,7 +157,9 @@ class DcpInput:
 
     def __init__(self, path: Path, args: DeepSeekV4ModelArgs):
         self.path = path
-        metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        stored_metadata = FileSystemReader(str(path)).read_metadata()
+        self.storage = stored_metadata.storage_data  # where each tensor's chunks are: file, bytes
+        metadata = stored_metadata.state_dict_metadata
         with torch.device("meta"):
             expected = DeepSeekV4Model(args).state_dict()
         skipped = sorted({k.split(".")[0] for k in metadata if k.split(".")[0] in TRAINING_STATE})
@@ -113,11 +179,29 @@ class DcpInput:
         self.order = blocks_in_order(self.stored)
 
     def titan_block(self, block: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The block's tensors, every value finite (else NonFiniteValueError)."""
         wanted = {
             k: torch.empty(md.size, dtype=cast(md.properties.dtype, dtype)) for k, md in self.stored.items() if block_of(k) == block
         }
         dcp.load(wanted, checkpoint_id=str(self.path), no_dist=True)
+        for key, values in wanted.items():
+            if not all_finite(values):
+                self.refuse_non_finite(key, values)
         return wanted
+
+    def refuse_non_finite(self, key: str, values: torch.Tensor) -> None:
+        """Raise NonFiniteValueError naming `key`, the .distcp file(s) that hold it and its values
+        as stored, or, when those are finite, the cast to `values.dtype` (--dtype)."""
+        files = sorted({info.relative_path for index, info in self.storage.items() if index.fqn == key})
+        where = ", ".join(str(self.path / f) for f in files)
+        stored_dtype = self.stored[key].properties.dtype
+        if values.dtype != stored_dtype:
+            as_stored = {key: torch.empty(values.shape, dtype=stored_dtype)}
+            dcp.load(as_stored, checkpoint_id=str(self.path), no_dist=True)
+            if (found := non_finite(as_stored[key])) is not None:
+                raise NonFiniteValueError(f"{where}: {key} {found}")
+            raise NonFiniteValueError(f"{where}: {key} {non_finite(values)} once cast to {values.dtype}")
+        raise NonFiniteValueError(f"{where}: {key} {non_finite(values)}")
 
 
 def cast(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
@@ -167,7 +251,13 @@ def write_dcp(output: Path, placeholders: dict[str, torch.Tensor], titan_block: 
     # One file per tensor: torch's FileSystemWriter holds every tensor of a file until the file is
     # closed, so one file for everything (its default) would hold the whole model.
     writer = FileSystemWriter(str(output), single_file_per_rank=False, thread_count=1)
-    dcp.save(placeholders, storage_writer=writer, planner=_LazySavePlanner(produce), no_dist=True)
+    try:
+        dcp.save(placeholders, storage_writer=writer, planner=_LazySavePlanner(produce), no_dist=True)
+    except CheckpointException as e:  # what `produce` raised for a bad input, wrapped by dcp.save
+        bad_input = [exc for exc, _ in e.failures.values() if isinstance(exc, (CheckpointMismatchError, NonFiniteValueError))]
+        if bad_input:
+            raise bad_input[0] from None
+        raise
 
 
 # ---------------------------------------------------------------------------------- conversion

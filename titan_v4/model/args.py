@@ -20,6 +20,7 @@ from .attn_kinds import ATTN_TYPES, CSA, HCA, SWA
 from .flops import count_params_and_flops
 
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+ROPE_TYPES = ("default", "yarn")  # plain RoPE, YaRN
 
 
 class ModelArgsError(ValueError):
@@ -59,14 +60,22 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
     index_head_dim: int = 128
     index_topk: int = 512
 
-    # RoPE. "main" (sliding-window-only layers, MTP): theta 10000, no YaRN. "compress" (CSA/HCA
-    # layers, their compressors and the indexer): theta 160000 with YaRN, unit magnitude (no mscale).
+    # RoPE (rope.py). "main" (sliding-window-only layers, MTP): plain, theta rope_theta. "compress"
+    # (CSA/HCA layers, their compressors and the indexer): theta compress_rope_theta, plain
+    # ("default") or YaRN ("yarn"). The released models: 10000; 160000 with YaRN factor 16,
+    # original length 65536, betas 32 / 1, unit magnitude.
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
+    compress_rope_type: str = "yarn"
+    # YaRN of the compress table (unused when it is plain): the frequencies slower than beta_slow
+    # rotations in original_seq_len positions are divided by rope_factor, those faster than
+    # beta_fast kept, a linear ramp between; cos and sin are multiplied by yarn_attention_factor
+    # (HF's `attention_factor`; the official code applies none: 1).
     rope_factor: float = 16.0
     original_seq_len: int = 65536
     beta_fast: float = 32.0
     beta_slow: float = 1.0
+    yarn_attention_factor: float = 1.0
     max_seq_len: int = 4096  # rope tables are built for this many positions; set from training.seq_len
 
     # MoE (every layer). The first n_hash_layers route by a fixed token-id -> experts table.
@@ -140,7 +149,9 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
         for name in ("norm_eps", "hc_eps"):
             if not getattr(self, name) > 0:
                 _fail(name, getattr(self, name), "must be > 0")
-        for name in ("rope_theta", "compress_rope_theta", "rope_factor", "route_scale"):
+        if self.compress_rope_type not in ROPE_TYPES:
+            _fail("compress_rope_type", self.compress_rope_type, f"allowed: {ROPE_TYPES}")
+        for name in ("rope_theta", "compress_rope_theta", "rope_factor", "beta_fast", "beta_slow", "yarn_attention_factor", "route_scale"):
             if not getattr(self, name) > 0:
                 _fail(name, getattr(self, name), "must be > 0")
         if not self.swiglu_limit >= 0:
@@ -185,4 +196,4 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
         return type(self)(**values)
 
 
-__all__ = ["DeepSeekV4ModelArgs", "ModelArgsError"]
+__all__ = ["DeepSeekV4ModelArgs", "ModelArgsError", "ROPE_TYPES"]

@@ -1,8 +1,10 @@
 """Rotary position embedding of DeepSeek-V4: interleaved, on the trailing `rope_head_dim` channels.
 
-Two tables per model (docs/deepseek_v4.md): "main" (theta 10000, no YaRN) for sliding-window-only
-layers and the MTP block, "compress" (theta 160000 with YaRN, unit magnitude: no mscale) for CSA
-and HCA layers, their compressors and the indexer.
+Two tables per model (docs/deepseek_v4.md): "main" (plain, `rope_theta`) for sliding-window-only
+layers and the MTP block, "compress" (`compress_rope_theta`, plain or YaRN as
+`compress_rope_type` says) for CSA and HCA layers, their compressors and the indexer. The
+released models' compress table is YaRN at unit magnitude (`yarn_attention_factor` 1, no mscale);
+HF transformers computes both tables the same way from a config.json.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ def rope_inv_freq(args: DeepSeekV4ModelArgs, theta: float, yarn: bool) -> torch.
 
 
 def rope_table(args: DeepSeekV4ModelArgs, theta: float, yarn: bool, device=None) -> torch.Tensor:
-    """[2, max_seq_len, rope_head_dim // 2] fp32: cos and sin of position x inverse frequency."""
+    """[2, max_seq_len, rope_head_dim // 2] fp32: cos and sin of position x inverse frequency, with
+    `yarn` times `args.yarn_attention_factor` (as HF scales its YaRN cos / sin)."""
     inv_freq = rope_inv_freq(args, theta, yarn).to(device)
     positions = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
     angles = torch.outer(positions, inv_freq)
-    return torch.stack((angles.cos(), angles.sin()))
+    table = torch.stack((angles.cos(), angles.sin()))
+    return table * args.yarn_attention_factor if yarn else table
 
 
 def main_rope_table(args: DeepSeekV4ModelArgs, device=None) -> torch.Tensor:
@@ -50,15 +54,17 @@ def main_rope_table(args: DeepSeekV4ModelArgs, device=None) -> torch.Tensor:
 
 
 def compress_rope_table(args: DeepSeekV4ModelArgs, device=None) -> torch.Tensor:
-    """The table of CSA / HCA layers (attention, compressors, indexer)."""
-    return rope_table(args, args.compress_rope_theta, yarn=True, device=device)
+    """The table of CSA / HCA layers (attention, compressors, indexer): YaRN or plain, as
+    `args.compress_rope_type` says."""
+    return rope_table(args, args.compress_rope_theta, yarn=args.compress_rope_type == "yarn", device=device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved RoPE on the trailing `2 * cos.shape[-1]` channels of x, in compute_dtype.
 
     x [B, S, D] or [B, S, H, D]; cos / sin [S, R/2] for x's positions. Channel pair (2i, 2i+1) of
-    the rope slice is rotated by angle i. `apply_rope(x, cos, -sin)` undoes it.
+    the rope slice is rotated by angle i. `apply_rope(x, cos, -sin)` undoes it when the table has
+    unit magnitude (else it scales the rope slice by the magnitude squared, as HF does too).
     """
     r = 2 * cos.shape[-1]
     if x.dim() == 4:

@@ -14,6 +14,10 @@
 - HF output keeps every tensor's exact dtype (dequantised weights bf16, everything else as
   stored), DCP output the model's parameter dtypes (fp32, as torchtitan saves); `--dtype` casts
   every floating tensor instead.
+- An input tensor with a NaN or infinite value (in a quantised weight: in its codes or its scales)
+  is refused, naming the stored tensor and its file; the check runs on each block as it is read,
+  so the output directory is left incomplete (an HF one without its index and config.json, a DCP
+  one without its .metadata).
 - It streams one block (a layer, an MTP depth, or the embedding / head group) at a time, so the
   host memory it needs is about one block, plus the file being written; progress is logged per
   block and the peak host memory at the end.
@@ -25,7 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from titan_v4.checkpoint.conversion import DCP, DTYPES, convert
+from titan_v4.checkpoint.conversion import DCP, DTYPES, NonFiniteValueError, convert
 from titan_v4.checkpoint.directory import HF, OFFICIAL, CheckpointMismatchError
 from titan_v4.flavors import deepseek_v4_args
 
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--output {a.output} is not empty")
     try:
         convert(a.input, a.input_format, a.output, a.output_format, a.flavor, DTYPES.get(a.dtype))
-    except CheckpointMismatchError as e:  # a bad input: its message is the last line, no traceback
+    except (CheckpointMismatchError, NonFiniteValueError) as e:  # a bad input: its message is the last line, no traceback
         raise SystemExit(f"convert: {e}") from None
 
 
