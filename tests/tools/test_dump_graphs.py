@@ -1,7 +1,8 @@
-"""titan_v4.tools.dump_graphs on the CPU with Inductor: the files of every block kind, and each
-kind's inventory pinned as expected text (graph breaks and recompiles 0, custom ops, generated
-kernel, extern call and GEMM counts, GEMM dtypes). A change in what a block compiles to shows up
-as a diff of that text; after a deliberate change, re-accept it with
+"""titan_v4.tools.dump_graphs: its command line (fast: refused or answered before any model is
+built), and (slow) a dump on the CPU with Inductor: the files of every block kind, and each kind's
+inventory pinned as expected text (graph breaks and recompiles 0, custom ops, generated kernel,
+extern call and GEMM counts, GEMM dtypes). A change in what a block compiles to shows up as a diff
+of that text; after a deliberate change, re-accept it with
 ``EXPECTTEST_ACCEPT=1 python -m pytest tests/tools/test_dump_graphs.py``.
 
 One dump for the whole module: Inductor's C++ compile of the four block kinds takes minutes on two
@@ -17,24 +18,82 @@ from pathlib import Path
 import pytest
 from expecttest import assert_expected_inline
 
+from tests.helpers.train_runner import run_train
+from tests.helpers.unwritable import unwritable_folder
+
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("swa-hash", "csa-learned", "hca-learned", "mtp")
 FILES = ("dynamo_graph.py", "aot_forward.py", "aot_backward.py", "inductor_forward.py", "inductor_backward.py", "kernels.md")
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
+# A quick dump of the tiny model: what the command-line tests would run if the tool did not stop first.
+TINY = ("--job.config_file", str(REPO / "train_configs" / "debug.toml"), "--experimental.custom_import",
+        "tests.helpers.tiny_flavor_plugin", "--model.flavor", "tiny", "--training.seq_len", "32",
+        "--training.local_batch_size", "2", "--compile.backend", "aot_eager")  # fmt: skip
 
-pytestmark = pytest.mark.slow
+
+def dump_graphs(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m titan_v4.tools.dump_graphs *args`` on the CPU; stdout and stderr together."""
+    return subprocess.run(
+        [sys.executable, "-m", "titan_v4.tools.dump_graphs", *args],
+        cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--out", "x", "--help"]], ids=["help", "out-and-help"])
+def test_help_lists_the_tools_own_options_first_then_the_training_settings(tmp_path, args):
+    proc = dump_graphs(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    text = proc.stdout
+    assert text.startswith("usage: python -m titan_v4.tools.dump_graphs"), text[:2000]
+    assert -1 < text.index("--out DIR") < text.index("--job.config-file") < text.index("--v4.dataset "), text[:4000]
+    assert list(tmp_path.iterdir()) == []  # the help creates nothing
+
+
+def test_an_out_that_is_a_file_is_refused_before_anything_is_built(tmp_path):
+    a_file = tmp_path / "README.md"
+    a_file.write_text("not a folder\n")
+    proc = dump_graphs("--out", str(a_file), *TINY, "--job.dump_folder", str(tmp_path / "job"), timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout[-4000:]
+    assert proc.stdout.rstrip().splitlines()[-1] == (
+        f"dump_graphs: --out={str(a_file)!r} is invalid: it is a file; allowed values are a folder that exists "
+        "or can be created, and that this user can write to"
+    )
+    assert a_file.read_text() == "not a folder\n" and not (tmp_path / "job").exists()  # nothing started
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_anything_is_built(tmp_path):
+    out, reason = unwritable_folder(tmp_path)
+    problem = "cannot be written to" if out.exists() else "cannot be created"
+    proc = dump_graphs("--out", str(out), *TINY, "--job.dump_folder", str(tmp_path / "job"), timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout[-4000:]
+    assert proc.stdout.rstrip().splitlines()[-1] == (
+        f"dump_graphs: --out={str(out)!r} is invalid: the folder {problem} ({reason}); allowed values are a folder "
+        "that exists or can be created, and that this user can write to"
+    )
+    assert not (tmp_path / "job").exists()
+
+
+def test_a_bad_out_is_the_last_line_of_dump_graphs_sh(tmp_path):
+    a_file = tmp_path / "README.md"
+    a_file.write_text("")
+    run = run_train("--out", str(a_file), *TINY, "--job.dump_folder", str(tmp_path / "job"),
+                    module="titan_v4.tools.dump_graphs", check=False, timeout=300)  # fmt: skip
+    assert run.returncode != 0
+    assert run.last_line == (
+        f"titan_v4: training failed (exit code 1), rank 0: ToolArgumentError: --out={str(a_file)!r} is invalid: it is a "
+        "file; allowed values are a folder that exists or can be created, and that this user can write to"
+    )
 
 
 @pytest.fixture(scope="module")
 def dump(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dump")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
     args = [
-        sys.executable, "-m", "titan_v4.tools.dump_graphs", "--out", str(out),
-        "--job.config_file", "train_configs/debug.toml", "--experimental.custom_import", "tests.helpers.tiny_flavor_plugin",
+        "--out", str(out), "--job.config_file", "train_configs/debug.toml", "--experimental.custom_import", "tests.helpers.tiny_flavor_plugin",
         "--model.flavor", "tiny", "--training.seq_len", "32", "--training.local_batch_size", "2",
         "--debug.seed", "0", "--job.dump_folder", str(out / "job"), "--metrics.disable_color_printing",
     ]  # fmt: skip
-    proc = subprocess.run(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3000)
+    proc = dump_graphs(*args, timeout=3000)
     if proc.returncode != 0:
         pytest.fail(f"dump_graphs exited with {proc.returncode}:\n{proc.stdout[-8000:]}")
     return out
@@ -45,6 +104,7 @@ def summary(dump: Path, kind: str) -> str:
     return re.search(r"```\n(.*?)\n```", (dump / kind / "kernels.md").read_text(), re.DOTALL).group(1)
 
 
+@pytest.mark.slow
 def test_every_block_kind_gets_its_graphs_generated_code_and_inventory(dump):
     index = (dump / "index.md").read_text()
     for kind in KINDS:
@@ -62,6 +122,7 @@ def test_every_block_kind_gets_its_graphs_generated_code_and_inventory(dump):
     assert "aten::" in (dump / "profile.txt").read_text()
 
 
+@pytest.mark.slow
 def test_inventory_loss(dump):
     assert_expected_inline(summary(dump, "loss"), """\
 loss: 1 block(s) (cross_entropy)
@@ -72,6 +133,7 @@ loss: 1 block(s) (cross_entropy)
   GEMMs per block (fw/bw): 0/0; per step by input dtypes: none""")
 
 
+@pytest.mark.slow
 def test_inventory_swa_hash(dump):
     assert_expected_inline(summary(dump, "swa-hash"), """\
 swa-hash: 1 block(s) (layers.0)
@@ -82,6 +144,7 @@ swa-hash: 1 block(s) (layers.0)
   GEMMs per block (fw/bw): 15/30; per step by input dtypes: fp32 x fp32 45""")
 
 
+@pytest.mark.slow
 def test_inventory_csa_learned(dump):
     assert_expected_inline(summary(dump, "csa-learned"), """\
 csa-learned: 2 block(s) (layers.1, layers.3)
@@ -92,6 +155,7 @@ csa-learned: 2 block(s) (layers.1, layers.3)
   GEMMs per block (fw/bw): 25/34; per step by input dtypes: fp32 x fp32 118""")
 
 
+@pytest.mark.slow
 def test_inventory_hca_learned(dump):
     assert_expected_inline(summary(dump, "hca-learned"), """\
 hca-learned: 1 block(s) (layers.2)
@@ -102,6 +166,7 @@ hca-learned: 1 block(s) (layers.2)
   GEMMs per block (fw/bw): 17/34; per step by input dtypes: fp32 x fp32 51""")
 
 
+@pytest.mark.slow
 def test_inventory_mtp(dump):
     assert_expected_inline(summary(dump, "mtp"), """\
 mtp: 1 block(s) (mtp.0)
