@@ -1,8 +1,8 @@
 """titan_v4.tools.dump_graphs: its command line (fast: refused or answered before any model is
-built), and (slow) a dump on the CPU with Inductor: the files of every block kind, and each kind's
-inventory pinned as expected text (graph breaks and recompiles 0, custom ops, generated kernel,
-extern call and GEMM counts, GEMM dtypes). A change in what a block compiles to shows up as a diff
-of that text; after a deliberate change, re-accept it with
+built), and (slow) a dump on the CPU with Inductor: the files of every block kind, the run's own
+logs under --out, and each kind's inventory pinned as expected text (graph breaks and recompiles 0,
+custom ops, generated kernel, extern call and GEMM counts, GEMM dtypes). A change in what a block
+compiles to shows up as a diff of that text; after a deliberate change, re-accept it with
 ``EXPECTTEST_ACCEPT=1 python -m pytest tests/tools/test_dump_graphs.py``.
 
 One dump for the whole module: Inductor's C++ compile of the four block kinds takes minutes on two
@@ -26,9 +26,9 @@ KINDS = ("swa-hash", "csa-learned", "hca-learned", "mtp")
 FILES = ("dynamo_graph.py", "aot_forward.py", "aot_backward.py", "inductor_forward.py", "inductor_backward.py", "kernels.md")
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
 # A quick dump of the tiny model: what the command-line tests would run if the tool did not stop first.
-TINY = ("--job.config_file", str(REPO / "train_configs" / "debug.toml"), "--experimental.custom_import",
-        "tests.helpers.tiny_flavor_plugin", "--model.flavor", "tiny", "--training.seq_len", "32",
-        "--training.local_batch_size", "2", "--compile.backend", "aot_eager")  # fmt: skip
+TINY_MODEL = ("--experimental.custom_import", "tests.helpers.tiny_flavor_plugin", "--model.flavor", "tiny",
+              "--training.seq_len", "32", "--training.local_batch_size", "2", "--compile.backend", "aot_eager")  # fmt: skip
+TINY = ("--job.config_file", str(REPO / "train_configs" / "debug.toml"), *TINY_MODEL)
 
 
 def dump_graphs(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -85,13 +85,55 @@ def test_a_bad_out_is_the_last_line_of_dump_graphs_sh(tmp_path):
     )
 
 
+TRAINING_RUN_FILES = {"logs/train.log": "the training run's log\n", "logs/metrics.jsonl": '{"step": 1, "loss": 10.5}\n'}
+
+
+def make_training_folder(folder: Path) -> Path:
+    """The dump folder of a training run, with the logs that run left there (TRAINING_RUN_FILES)."""
+    for name, text in TRAINING_RUN_FILES.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def files_in(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*") if p.is_file()}
+
+
+def config_naming(training_folder: Path, config: Path) -> Path:
+    """A copy of train_configs/debug.toml at `config` whose job.dump_folder is `training_folder`."""
+    toml = (REPO / "train_configs" / "debug.toml").read_text()
+    config.write_text(toml.replace('dump_folder = "./outputs/debug"', f'dump_folder = "{training_folder}"'))
+    assert str(training_folder) in config.read_text()
+    return config
+
+
+def test_a_dump_that_fails_at_start_up_logs_under_out_not_into_the_configs_training_folder(tmp_path):
+    training_folder = make_training_folder(tmp_path / "training_run")
+    config = config_naming(training_folder, tmp_path / "debug.toml")
+    # A negative learning rate is refused at start-up: the log file is open by then, the model not built.
+    out = tmp_path / "dump"
+    proc = dump_graphs("--out", str(out), "--job.config_file", str(config), *TINY_MODEL, "--optimizer.lr", "-1")
+    assert proc.returncode != 0 and "optimizer.lr=-1.0 is invalid" in proc.stdout, proc.stdout[-4000:]
+    assert files_in(training_folder) == TRAINING_RUN_FILES
+    assert f"titan_v4: logging to {out / 'run' / 'logs' / 'train.log'}" in proc.stdout
+    assert "Starting job: DeepSeek-V4 debug model" in (out / "run" / "logs" / "train.log").read_text()
+
+
 @pytest.fixture(scope="module")
-def dump(tmp_path_factory) -> Path:
+def training_folder(tmp_path_factory) -> Path:
+    """A training run's dump folder, named as job.dump_folder by the dump's config."""
+    return make_training_folder(tmp_path_factory.mktemp("training_run"))
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory, training_folder) -> Path:
     out = tmp_path_factory.mktemp("dump")
+    config = config_naming(training_folder, tmp_path_factory.mktemp("config") / "debug.toml")
     args = [
-        "--out", str(out), "--job.config_file", "train_configs/debug.toml", "--experimental.custom_import", "tests.helpers.tiny_flavor_plugin",
+        "--out", str(out), "--job.config_file", str(config), "--experimental.custom_import", "tests.helpers.tiny_flavor_plugin",
         "--model.flavor", "tiny", "--training.seq_len", "32", "--training.local_batch_size", "2",
-        "--debug.seed", "0", "--job.dump_folder", str(out / "job"), "--metrics.disable_color_printing",
+        "--debug.seed", "0", "--metrics.disable_color_printing",
     ]  # fmt: skip
     proc = dump_graphs(*args, timeout=3000)
     if proc.returncode != 0:
@@ -102,6 +144,14 @@ def dump(tmp_path_factory) -> Path:
 def summary(dump: Path, kind: str) -> str:
     """The inventory summary at the top of kind's kernels.md."""
     return re.search(r"```\n(.*?)\n```", (dump / kind / "kernels.md").read_text(), re.DOTALL).group(1)
+
+
+@pytest.mark.slow
+def test_the_configs_training_folder_gets_nothing_and_the_runs_logs_go_under_out(dump, training_folder):
+    assert files_in(training_folder) == TRAINING_RUN_FILES
+    assert "step: 2/2" in (dump / "run" / "logs" / "train.log").read_text()
+    assert len((dump / "run" / "logs" / "metrics.jsonl").read_text().splitlines()) == 2  # one record per step
+    assert f"job.dump_folder={dump / 'run'} (was {training_folder})" in (dump / "index.md").read_text()
 
 
 @pytest.mark.slow
@@ -118,7 +168,7 @@ def test_every_block_kind_gets_its_graphs_generated_code_and_inventory(dump):
         for graph in (0, 1):
             assert (dump / "loss" / name.replace(".py", f"_{graph}.py")).stat().st_size > 0, f"loss/{name} {graph}"
     assert "[loss](loss/kernels.md)" in index
-    assert sorted(p.name for p in dump.iterdir() if p.is_dir() and p.name != "job") == sorted([*KINDS, "loss"])
+    assert sorted(p.name for p in dump.iterdir() if p.is_dir() and p.name != "run") == sorted([*KINDS, "loss"])
     assert "aten::" in (dump / "profile.txt").read_text()
 
 

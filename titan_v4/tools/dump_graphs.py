@@ -20,12 +20,14 @@ when `compile.components` has "loss"):
                                       collectives, host syncs, graph breaks; counts per block and per step
     DIR/index.md                      one line per kind, and the run's settings
     DIR/profile.txt                   the second step's ops and kernels by self time (timings vary)
+    DIR/run/                          the run's torchtitan dump folder: logs/train.log, logs/metrics.jsonl
 
 The dump forces what it needs and says so in the log and in index.md: `compile.enable`, "model" in
-`compile.components`, `checkpoint.enable` off, and 2 training steps unless `--training.steps N`
-(N >= 2) is on the command line (the later steps then time the compiled model, as in a training
-log). `compile.backend` may be "inductor" (default) or "aot_eager" (graphs and op inventories
-without generated kernels; fast). Run without torchrun, it is a single process (world size 1).
+`compile.components`, `checkpoint.enable` off, `job.dump_folder` DIR/run (so that a dump never
+writes into a training run's folder), and 2 training steps unless `--training.steps N` (N >= 2) is
+on the command line (the later steps then time the compiled model, as in a training log).
+`compile.backend` may be "inductor" (default) or "aot_eager" (graphs and op inventories without
+generated kernels; fast). Run without torchrun, it is a single process (world size 1).
 
 `--out` is checked before anything is built (a file or an unwritable path is refused with one
 line); `--help` lists the tool's options, then every training setting.
@@ -56,6 +58,7 @@ from titan_v4.train import run_log  # noqa: E402
 MIN_STEPS = 2  # step 1 compiles; a compile in a later step is a recompile
 PROFILED_STEP = 2
 PROFILE_ROWS = 40
+RUN_FOLDER = "run"  # DIR/run: the training run's own dump folder (logs, metrics.jsonl)
 
 
 class DumpTrainer(V4Trainer):
@@ -94,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out", metavar="DIR", help="the dump folder (required): created if missing, must be writable; "
-        "an earlier dump's block kinds are replaced",
+        "an earlier dump's block kinds are replaced; the run's own logs go to DIR/run/logs/",
     )  # fmt: skip
     parser.add_argument("-h", "--help", action="store_true", help="show this help and the training settings, and exit")
     return parser
@@ -127,9 +130,13 @@ def parse_arguments(argv: list[str]) -> tuple[Path, list[str]]:
     return prepare_out_dir(known.out), training_args
 
 
-def force_dump_settings(job_config, steps_on_command_line: bool) -> list[str]:
-    """Set what a dump needs; return a note for each setting that changed."""
+def force_dump_settings(job_config, steps_on_command_line: bool, out: Path) -> list[str]:
+    """Set what a dump into `out` needs; return a note for each setting that changed."""
     notes = []
+    dump_folder = str(out / RUN_FOLDER)
+    if job_config.job.dump_folder != dump_folder:
+        notes.append(f"job.dump_folder={dump_folder} (was {job_config.job.dump_folder})")
+        job_config.job.dump_folder = dump_folder
     steps = job_config.training.steps
     if not steps_on_command_line or steps < MIN_STEPS:
         job_config.training.steps = MIN_STEPS
@@ -209,7 +216,7 @@ def write_dump(out: Path, recorder: GraphRecorder, job_config, trainer: DumpTrai
         "",
         "Each kind's folder holds `dynamo_graph.py`, `aot_forward.py`, `aot_backward.py`, "
         "`inductor_forward.py`, `inductor_backward.py` (Inductor only) and `kernels.md`. "
-        "`profile.txt` lists step 2's ops and kernels by self time.",
+        "`profile.txt` lists step 2's ops and kernels by self time; `run/logs/train.log` is the run's log.",
     ]
     if error:
         # e.g. a graph break under fullgraph=True: dynamo's message names the op and the source line.
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     init_logger()
     job_config = ConfigManager().parse_args(args)
     steps_given = any(a == "--training.steps" or a.startswith("--training.steps=") for a in args)
-    notes = force_dump_settings(job_config, steps_given)
+    notes = force_dump_settings(job_config, steps_given, out)
     recorder = GraphRecorder(job_config.compile.backend)
     job_config.compile.backend = graph_recorder.activate(recorder)
     logger.info(f"dump_graphs: forcing {', '.join(notes) or 'nothing'}; writing to {out}")
