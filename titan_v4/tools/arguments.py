@@ -17,19 +17,21 @@ class ToolArgumentError(ValueError):
     """A bad command-line argument of a tool; the message names the option, the value and what is allowed."""
 
 
-def prepare_out_dir(value: str, option: str = "--out") -> Path:
-    """The folder `value` of `option`, created if missing and checked writable (by writing a
+def prepare_out_dir(value: str) -> Path:
+    """The folder `value` of `--out`, created if missing and checked writable (by writing a
     temporary file into it); ToolArgumentError where it is a file or cannot be created or written."""
     path = Path(value)
     if path.exists() and not path.is_dir():
-        raise ToolArgumentError(f"{option}={value!r} is invalid: it is a file; {_ALLOWED_OUT}")
+        raise ToolArgumentError(f"--out={value!r} is invalid: it is a file; {_ALLOWED_OUT}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ToolArgumentError(f"{option}={value!r} is invalid: the folder cannot be created ({e.strerror}); {_ALLOWED_OUT}") from None
+        problem = f"the folder cannot be created ({e.strerror})"
+        raise ToolArgumentError(f"--out={value!r} is invalid: {problem}; {_ALLOWED_OUT}") from None
     try:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise ToolArgumentError(f"{option}={value!r} is invalid: the folder cannot be written to ({e.strerror}); {_ALLOWED_OUT}") from None
+        problem = f"the folder cannot be written to ({e.strerror})"
+        raise ToolArgumentError(f"--out={value!r} is invalid: {problem}; {_ALLOWED_OUT}") from None
     return path
