@@ -88,6 +88,42 @@ def test_non_utf8_text_names_the_file_and_line(tmp_path, name):
         _first_batch(path)
 
 
+@pytest.mark.parametrize(
+    "name, body, message",
+    [
+        pytest.param(
+            "d.jsonl", '{"text": "ok"}\n\n{"text": "a"} x\n{"text": "b"}\n',
+            """line 3: not valid JSON (Extra data at column 15): '{"text": "a"} x'; """
+            """allowed: one JSON object per line, such as {"text": "..."}""",
+            id="trailing-data",
+        ),
+        pytest.param(
+            "d.jsonl", '{"text": "ok"}\n{"text": "b"\n',
+            """line 2: not valid JSON (Expecting ',' delimiter at column 13): '{"text": "b"'; """
+            """allowed: one JSON object per line, such as {"text": "..."}""",
+            id="unterminated",
+        ),
+        pytest.param(
+            "d.jsonl", '{"text": "ok"}\n5\n',
+            """line 2: '5' is not a JSON object; allowed: one JSON object per line, such as {"text": "..."}""",
+            id="not-an-object",
+        ),
+        pytest.param(
+            "d.json", '[{"text": "ok"},\n {"text": "b"]\n',
+            "line 2, column 14: not valid JSON (Expecting ',' delimiter); "
+            "allowed: one JSON object per line or one JSON list of objects",
+            id="json-document",
+        ),
+    ],
+)  # fmt: skip
+def test_malformed_json_names_the_file_line_and_problem(tmp_path, name, body, message):
+    _write((tmp_path / "d" / "a").with_suffix(Path(name).suffix), '{"text": "fine"}\n')  # a good file first
+    path = _write(tmp_path / "d" / name, body)
+    with pytest.raises(DataError) as error:
+        _first_batch(tmp_path / "d")
+    assert str(error.value) == f"data file {path}, {message}"
+
+
 def test_a_non_text_record_met_while_streaming_names_the_record(tmp_path):
     from datasets import Dataset
     from torchtitan.hf_datasets import DatasetConfig

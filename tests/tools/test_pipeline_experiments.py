@@ -11,11 +11,13 @@ import sys
 import pytest
 
 from tests.helpers.train_runner import REPO
+from tests.helpers.unwritable import unwritable_folder
 from titan_v4.tools.pipeline_experiments import (
     Combination,
     error_from_log,
     format_table,
     layers_per_stage,
+    main,
     parse_args,
     run_arguments,
     summarize,
@@ -24,12 +26,12 @@ from titan_v4.tools.pipeline_experiments import (
 CONFIG = str(REPO / "train_configs" / "debug.toml")
 
 
-def args_for(*extra):
-    return parse_args(["--job.config_file", CONFIG, "--nproc", "2", "--out", "unused", *extra])
+def args_for(out, *extra):
+    return parse_args(["--job.config_file", CONFIG, "--nproc", "2", "--out", str(out), *extra])
 
 
-def test_trainer_overrides_pass_through_and_each_combination_sets_its_own():
-    args, overrides = args_for("--training.local_batch_size", "8")
+def test_trainer_overrides_pass_through_and_each_combination_sets_its_own(tmp_path):
+    args, overrides = args_for(tmp_path, "--training.local_batch_size", "8")
     assert overrides == ["--training.local_batch_size", "8"] and args.pp == 2
     cli = run_arguments(args, overrides, Combination("Interleaved1F1B", "4", "1:1:1:1"))
     assert cli[cli.index("--parallelism.pipeline_parallel_microbatch_size") + 1] == "2"  # 8 / 4 microbatches
@@ -47,18 +49,36 @@ def test_trainer_overrides_pass_through_and_each_combination_sets_its_own():
         pytest.param(Combination("DualPipeV", "config", "auto"), r"pipeline_parallel_expert_parallel_overlap", id="dualpipev"),
     ],
 )
-def test_refused_combinations_carry_the_reason(combo, message):
-    args, overrides = args_for()
+def test_refused_combinations_carry_the_reason(tmp_path, combo, message):
+    args, overrides = args_for(tmp_path)
     with pytest.raises(ValueError, match=message):
         run_arguments(args, overrides, combo)
 
 
-def test_bad_tool_arguments_name_the_flag(capsys):
+def test_bad_tool_arguments_name_the_flag(tmp_path, capsys):
     for bad, message in ((["--schedules", "Zero"], "--schedules: 'Zero'"), (["--splits", "3-1"], "--splits: '3-1'"),
                          (["--microbatches", "0"], "--microbatches: '0'"), (["--steps", "1"], "--steps=1")):  # fmt: skip
         with pytest.raises(SystemExit):
-            args_for(*bad)
+            args_for(tmp_path, *bad)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["a-file", "unwritable"])
+def test_an_out_that_is_a_file_or_cannot_be_written_is_refused_before_any_run(tmp_path, capsys, case):
+    if case == "a-file":
+        out = tmp_path / "results.csv"
+        out.write_text("")
+        what = "it is a file"
+    else:
+        out, reason = unwritable_folder(tmp_path)
+        what = f"the folder {'cannot be written to' if out.exists() else 'cannot be created'} ({reason})"
+    with pytest.raises(SystemExit) as exit:
+        main(["--job.config_file", CONFIG, "--nproc", "2", "--schedules", "GPipe", "--out", str(out)])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.rstrip().splitlines()[-1] == (
+        f"python -m titan_v4.tools.pipeline_experiments: error: --out={str(out)!r} is invalid: {what}; "
+        "allowed values are a folder that exists or can be created, and that this user can write to"
+    )
 
 
 def test_log_parsing():

@@ -3,14 +3,16 @@
 HF ``datasets`` reports bad local files badly: an empty ``.jsonl`` raises a bare ``StopIteration``,
 an empty ``.txt`` a ``SchemaInferenceError``, non-UTF-8 text a decode error without the file name,
 and a null or numeric text column loads fine and fails later in the tokenizer
-(``TextInputSequence must be str``). :func:`load_local_files` skips empty files (with a warning;
-all empty is an error), names the file and line of a decode error, and checks the text column's
-type and nulls on the loaded Arrow table, naming the file and row of the first bad value, all at
-start-up.
+(``TextInputSequence must be str``), and a malformed JSON line names neither the file's line nor the
+problem (``Trailing data at position 17``). :func:`load_local_files` skips empty files (with a
+warning; all empty is an error), names the file and line of a decode error or of malformed JSON, and
+checks the text column's type and nulls on the loaded Arrow table, naming the file and row of the
+first bad value, all at start-up.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from torchtitan.tools.logging import logger
@@ -90,7 +92,7 @@ def load_local_files(path: str, column: str):
     try:
         ds = load_dataset(builder, data_files={"train": files}, split="train")
     except Exception as e:
-        raise _explain_load_error(e, builder, files) from e
+        raise _explain_load_error(e, builder, files, column) from e
 
     if column not in ds.column_names:
         raise DataError(
@@ -100,7 +102,7 @@ def load_local_files(path: str, column: str):
     return ds, builder, files, column
 
 
-def _explain_load_error(e: Exception, builder: str, files: list[str]) -> Exception:
+def _explain_load_error(e: Exception, builder: str, files: list[str], column: str) -> Exception:
     causes, c = [], e
     while c is not None:
         causes.append(c)
@@ -110,8 +112,54 @@ def _explain_load_error(e: Exception, builder: str, files: list[str]) -> Excepti
             where = _first_undecodable(f)
             if where is not None:
                 return DataError(f"data file {f} is not UTF-8 text ({where}): convert it to UTF-8 or remove it")
+    if builder == "json":
+        for f in files:
+            problem = _json_problem(f, column)
+            if problem is not None:
+                return DataError(f"data file {f}, {problem}")
     root = causes[-1]
     return DataError(f"could not read the {builder} data files {_some(files)}: {type(root).__name__}: {root}")
+
+
+def _json_problem(file: str, column: str) -> str | None:
+    """'line N: what is wrong; what is allowed' for the first malformed record of a JSON file, or None.
+
+    HF's json builder reads JSON Lines (one object per line; blank lines skipped) and, from a
+    ``.json`` file, also one JSON document (a list of objects). A ``.json`` file whose first
+    non-blank line is not an object by itself is such a document and is parsed whole."""
+    with open(file, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    lines = text.split("\n")  # the JSON Lines separator; str.splitlines would also split at U+2028
+    first = next((line for line in lines if line.strip()), "")
+    if file.endswith(".json") and not isinstance(_parse_json(first), dict):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return (
+                f"line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}); "
+                "allowed: one JSON object per line or one JSON list of objects"
+            )
+        return None
+    allowed = f'allowed: one JSON object per line, such as {{"{column}": "..."}}'
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        excerpt = repr(line if len(line) <= 80 else line[:77] + "...")
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number}: not valid JSON ({e.msg} at column {e.colno}): {excerpt}; {allowed}"
+        if not isinstance(value, dict):
+            return f"line {number}: {excerpt} is not a JSON object; {allowed}"
+    return None
+
+
+def _parse_json(text: str):
+    """The value of ``text``, or None where it is not valid JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def _some(items: list[str], n: int = 3) -> str:

@@ -20,16 +20,22 @@ when `compile.components` has "loss"):
                                       collectives, host syncs, graph breaks; counts per block and per step
     DIR/index.md                      one line per kind, and the run's settings
     DIR/profile.txt                   the second step's ops and kernels by self time (timings vary)
+    DIR/run/                          the run's torchtitan dump folder: logs/train.log, logs/metrics.jsonl
 
 The dump forces what it needs and says so in the log and in index.md: `compile.enable`, "model" in
-`compile.components`, `checkpoint.enable` off, and 2 training steps unless `--training.steps N`
-(N >= 2) is on the command line (the later steps then time the compiled model, as in a training
-log). `compile.backend` may be "inductor" (default) or "aot_eager" (graphs and op inventories
-without generated kernels; fast). Run without torchrun, it is a single process (world size 1).
+`compile.components`, `checkpoint.enable` off, `job.dump_folder` DIR/run (so that a dump never
+writes into a training run's folder), and 2 training steps unless `--training.steps N` (N >= 2) is
+on the command line (the later steps then time the compiled model, as in a training log).
+`compile.backend` may be "inductor" (default) or "aot_eager" (graphs and op inventories without
+generated kernels; fast). Run without torchrun, it is a single process (world size 1).
+
+`--out` is checked before anything is built (a file or an unwritable path is refused with one
+line); `--help` lists the tool's options, then every training setting.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import socket
@@ -44,12 +50,15 @@ from torchtitan.config import ConfigManager  # noqa: E402
 from torchtitan.tools.logging import init_logger, logger  # noqa: E402
 
 from titan_v4.tools import graph_recorder  # noqa: E402
+from titan_v4.tools.arguments import ToolArgumentError, prepare_out_dir  # noqa: E402
 from titan_v4.tools.graph_recorder import OUTSIDE_BLOCKS, GraphRecorder  # noqa: E402
 from titan_v4.tools.kernel_inventory import INDEX_HEADER, KindInventory  # noqa: E402
+from titan_v4.train import run_log  # noqa: E402
 
 MIN_STEPS = 2  # step 1 compiles; a compile in a later step is a recompile
 PROFILED_STEP = 2
 PROFILE_ROWS = 40
+RUN_FOLDER = "run"  # DIR/run: the training run's own dump folder (logs, metrics.jsonl)
 
 
 class DumpTrainer(V4Trainer):
@@ -75,27 +84,59 @@ class DumpTrainer(V4Trainer):
         self.profile_table = profile.key_averages().table(sort_by=sort_by, row_limit=PROFILE_ROWS)
 
 
-def split_out_dir(argv: list[str]) -> tuple[Path, list[str]]:
-    """(DIR of `--out DIR` / `--out=DIR`, the other arguments); `--out` is required."""
-    rest, out = [], None
-    args = iter(argv)
-    for arg in args:
-        if arg == "--out":
-            out = next(args, None)
-            if out is None:
-                raise SystemExit("dump_graphs: --out needs a directory")
-        elif arg.startswith("--out="):
-            out = arg.removeprefix("--out=")
-        else:
-            rest.append(arg)
-    if not out:
-        raise SystemExit("dump_graphs: --out DIR is required (where the dumps go)")
-    return Path(out), rest
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m titan_v4.tools.dump_graphs",
+        usage="%(prog)s --out DIR [--job.config_file CONFIG] [--section.field value ...]",
+        description="Runs two training steps of the configured model with every block compiled, and writes "
+        "what torch.compile made of each block kind under DIR: graphs, generated code, kernels.md, index.md. "
+        "Every other argument is a training setting, as for python -m titan_v4.train (listed below).",
+        add_help=False,  # --help also lists the training settings (tyro's help, torchtitan's fields)
+        allow_abbrev=False,  # --o... is never --out: such arguments go to the trainer
+        exit_on_error=False,
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="the dump folder (required): created if missing, must be writable; "
+        "an earlier dump's block kinds are replaced; the run's own logs go to DIR/run/logs/",
+    )  # fmt: skip
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and the training settings, and exit")
+    return parser
 
 
-def force_dump_settings(job_config, steps_on_command_line: bool) -> list[str]:
-    """Set what a dump needs; return a note for each setting that changed."""
+_CONFIG_OPTIONS = ("--job.config_file", "--job.config-file", "--job.custom_config_module", "--job.custom-config-module")
+
+
+def _print_help_and_exit(parser: argparse.ArgumentParser, training_args: list[str]) -> None:
+    print(parser.format_help(), flush=True)
+    print("Training settings:", flush=True)
+    if not any(arg.split("=")[0] in _CONFIG_OPTIONS for arg in training_args):
+        # Without a config that names it, torchtitan's help would leave out the [v4] section.
+        training_args = ["--job.custom_config_module", "titan_v4.config", *training_args]
+    ConfigManager().parse_args([*training_args, "--help"])  # tyro prints the fields and exits with 0
+
+
+def parse_arguments(argv: list[str]) -> tuple[Path, list[str]]:
+    """(the `--out` folder, created and writable; the training arguments). `--help` prints the
+    help and exits with 0; a missing or unusable `--out` raises ToolArgumentError."""
+    parser = _parser()
+    try:
+        known, training_args = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:  # "--out" without a value
+        raise ToolArgumentError(str(e)) from None
+    if known.help:
+        _print_help_and_exit(parser, training_args)
+    if not known.out:
+        raise ToolArgumentError("--out is required: the folder the dumps go to (--help lists the options)")
+    return prepare_out_dir(known.out), training_args
+
+
+def force_dump_settings(job_config, steps_on_command_line: bool, out: Path) -> list[str]:
+    """Set what a dump into `out` needs; return a note for each setting that changed."""
     notes = []
+    dump_folder = str(out / RUN_FOLDER)
+    if job_config.job.dump_folder != dump_folder:
+        notes.append(f"job.dump_folder={dump_folder} (was {job_config.job.dump_folder})")
+        job_config.job.dump_folder = dump_folder
     steps = job_config.training.steps
     if not steps_on_command_line or steps < MIN_STEPS:
         job_config.training.steps = MIN_STEPS
@@ -175,7 +216,7 @@ def write_dump(out: Path, recorder: GraphRecorder, job_config, trainer: DumpTrai
         "",
         "Each kind's folder holds `dynamo_graph.py`, `aot_forward.py`, `aot_backward.py`, "
         "`inductor_forward.py`, `inductor_backward.py` (Inductor only) and `kernels.md`. "
-        "`profile.txt` lists step 2's ops and kernels by self time.",
+        "`profile.txt` lists step 2's ops and kernels by self time; `run/logs/train.log` is the run's log.",
     ]
     if error:
         # e.g. a graph break under fullgraph=True: dynamo's message names the op and the source line.
@@ -185,12 +226,16 @@ def write_dump(out: Path, recorder: GraphRecorder, job_config, trainer: DumpTrai
 
 
 def main(argv: list[str] | None = None) -> None:
-    out, args = split_out_dir(list(sys.argv[1:] if argv is None else argv))
+    try:
+        out, args = parse_arguments(list(sys.argv[1:] if argv is None else argv))
+    except ToolArgumentError as e:
+        run_log.record_failure(e)  # dump_graphs.sh (run_train.sh) prints it as its last line
+        raise SystemExit(f"dump_graphs: {e}") from None
     _single_process_env()
     init_logger()
     job_config = ConfigManager().parse_args(args)
     steps_given = any(a == "--training.steps" or a.startswith("--training.steps=") for a in args)
-    notes = force_dump_settings(job_config, steps_given)
+    notes = force_dump_settings(job_config, steps_given, out)
     recorder = GraphRecorder(job_config.compile.backend)
     job_config.compile.backend = graph_recorder.activate(recorder)
     logger.info(f"dump_graphs: forcing {', '.join(notes) or 'nothing'}; writing to {out}")

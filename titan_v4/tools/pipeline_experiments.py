@@ -49,6 +49,7 @@ from titan_v4.infra.pipeline import (
     module_names_for_layer_counts,
     validate_module_names,
 )
+from titan_v4.tools.arguments import ToolArgumentError, prepare_out_dir
 
 WARMUP_STEPS = 1  # the first step also infers the stage shapes (and compiles, if enabled)
 
@@ -91,7 +92,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--nproc", type=int, default=None, help="processes: default every GPU, else 2 CPU processes")
     parser.add_argument("--pp", type=int, default=None, help="pipeline degree (default: every process)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per training run")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (created if missing, must be writable)")
     args, overrides = parser.parse_known_args(argv)
     if args.steps <= WARMUP_STEPS:
         parser.error(f"--steps={args.steps}: needs more than {WARMUP_STEPS} (the first step is warm-up)")
@@ -104,6 +105,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for split in args.splits.split(","):
         if split != "auto" and not re.fullmatch(r"\d+(:\d+)+", split):
             parser.error(f"--splits: {split!r} is neither 'auto' nor layers per stage such as 3:1")
+    try:  # before any run, so that a file or an unwritable path costs no training
+        args.out = prepare_out_dir(args.out)
+    except ToolArgumentError as e:
+        parser.error(str(e))
     if args.nproc is None:
         args.nproc = torch.cuda.device_count() or 2
     if args.pp is None:
@@ -295,7 +300,6 @@ def plot(results: list[Result], path: Path, title: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for combo in combinations(args):
         print(f"[pipeline_experiments] {combo.name} on {args.nproc} processes (pp={args.pp}) ...", flush=True)
