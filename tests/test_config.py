@@ -12,6 +12,12 @@ def test_v4_section_is_merged_with_defaults_and_cli_overrides():
     assert (cfg.v4.dataset, cfg.v4.seq_balance_loss_weight) == ("synthetic", 1e-4)
 
 
+def test_muon_defaults_are_the_papers():
+    v4 = job_config("--v4.muon_ns_steps", "6").v4
+    assert (v4.muon_momentum, v4.muon_nesterov, v4.muon_ns_cleanup_steps, v4.muon_update_rms) == (0.95, True, 2, 0.18)
+    assert V4().muon_ns_steps == 8 and v4.muon_ns_steps == 6
+
+
 def test_indexer_phase_reaches_the_model_args():
     from titan_v4.flavors import deepseek_v4_args
 
@@ -41,6 +47,16 @@ def test_v4_section_from_toml(tmp_path):
         ),
         pytest.param(dict(indexer_loss_weight=-1.0), "v4.indexer_loss_weight=-1.0 is invalid", id="indexer-weight"),
         pytest.param(dict(dataset="hub", dataset_path="x", text_column=""), "v4.text_column='' is invalid", id="no-column"),
+        pytest.param(dict(muon_momentum=1.0), "v4.muon_momentum=1.0 is invalid: allowed values are numbers in [0, 1)",
+                     id="muon-momentum"),
+        pytest.param(dict(muon_nesterov=1), "v4.muon_nesterov=1 is invalid: allowed values are true, false",
+                     id="muon-nesterov"),
+        pytest.param(dict(muon_ns_steps=-1), "v4.muon_ns_steps=-1 is invalid: allowed values are integers >= 0",
+                     id="muon-ns-steps"),
+        pytest.param(dict(muon_ns_steps=0, muon_ns_cleanup_steps=0),
+                     "v4.muon_ns_steps=0 with v4.muon_ns_cleanup_steps=0 is invalid", id="muon-no-ns-step"),
+        pytest.param(dict(muon_update_rms=0.0), "v4.muon_update_rms=0.0 is invalid: allowed values are numbers > 0",
+                     id="muon-rms"),
     ],
 )
 def test_v4_validation_names_field_value_and_allowed(fields, message):

@@ -86,8 +86,27 @@ class V4:
     previous intact checkpoint. Costs one read of each saved file after its save and one of the
     checkpoint a run resumes from, spread over the ranks (about 3 GB/s per process)."""
 
+    muon_momentum: float = 0.95
+    """``optimizer.name = "Muon"`` only (titan_v4/train/muon.py): the momentum mu of Muon's
+    matrices, in [0, 1). Muon's lr and weight decay are ``optimizer.lr`` and ``optimizer.weight_decay``."""
+
+    muon_nesterov: bool = True
+    """Muon only: orthogonalise the Nesterov look-ahead ``mu * M_t + G_t`` (True) or ``M_t`` (False)."""
+
+    muon_ns_steps: int = 8
+    """Muon only: Newton-Schulz steps with the fast coefficients (3.4445, -4.7750, 2.0315) (>= 0)."""
+
+    muon_ns_cleanup_steps: int = 2
+    """Muon only: Newton-Schulz steps with (2, -1.5, 0.5) after the fast ones, which settle the
+    singular values at 1 (>= 0; at least one step in all)."""
+
+    muon_update_rms: float = 0.18
+    """Muon only: the RMS of a matrix's update before the lr (the orthogonalised matrix times
+    sqrt(max(rows, cols)) times this), so that AdamW's lr and schedule carry over (> 0)."""
+
     def __post_init__(self) -> None:
         # Runs for the TOML values and again for the final CLI-merged values.
+        self._check_muon()
         for name in ("mtp_loss_weight", "seq_balance_loss_weight", "indexer_loss_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -113,6 +132,26 @@ class V4:
             raise V4ConfigError(
                 f"v4.text_column={self.text_column!r} is invalid: allowed values are a non-empty column name"
             )
+
+    def _check_muon(self) -> None:
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not number(self.muon_momentum) or not 0 <= self.muon_momentum < 1:
+            raise V4ConfigError(f"v4.muon_momentum={self.muon_momentum!r} is invalid: allowed values are numbers in [0, 1)")
+        if not isinstance(self.muon_nesterov, bool):
+            raise V4ConfigError(f"v4.muon_nesterov={self.muon_nesterov!r} is invalid: allowed values are true, false")
+        for name in ("muon_ns_steps", "muon_ns_cleanup_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise V4ConfigError(f"v4.{name}={value!r} is invalid: allowed values are integers >= 0")
+        if self.muon_ns_steps + self.muon_ns_cleanup_steps < 1:
+            raise V4ConfigError(
+                f"v4.muon_ns_steps={self.muon_ns_steps!r} with v4.muon_ns_cleanup_steps="
+                f"{self.muon_ns_cleanup_steps!r} is invalid: allowed are at least one Newton-Schulz step in all"
+            )
+        if not number(self.muon_update_rms) or not self.muon_update_rms > 0:
+            raise V4ConfigError(f"v4.muon_update_rms={self.muon_update_rms!r} is invalid: allowed values are numbers > 0")
 
 
 def v4_settings(job_config) -> V4:

@@ -81,6 +81,8 @@ class V4Trainer(ObserveLoss, Trainer):
 
     def __init__(self, job_config) -> None:
         run_log.attach_log_file(job_config.job.dump_folder)
+        # torchtitan passes the optimizer builder only this section; Muon's settings are in [v4].
+        job_config.optimizer.v4 = v4_settings(job_config)
         super().__init__(job_config)
         if job_config.training.steps > 0:
             # Before any checkpoint is loaded, so that a checkpoint has a state for every parameter
