@@ -25,8 +25,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 from torch.optim.adam import adam
 
 #: The hybrid schedule: 8 fast-converging steps, then 2 that settle the singular values at 1.
@@ -38,23 +41,137 @@ def newton_schulz(M: torch.Tensor, steps: Sequence[tuple[float, float, float]], 
 
     X0 = M / (||M||_F + eps) (per matrix, in fp32), then for each (a, b, c) of ``steps``:
     A = X X^T, B = b A + c A A, X = a X + B X. A tall matrix (n > m) is transposed first so that
-    A is the small side's Gram matrix. The matmuls run in bf16, or in fp64 when M is fp64 (exact
-    comparisons against a reference). Returns ``[..., n, m]`` in fp32 (fp64 for an fp64 M): with the
-    default schedule its singular values are close to 1 (tests/train/test_muon.py measures them).
+    A is the small side's Gram matrix. The matmuls run in bf16 (fp32 accumulation; the scaled sums
+    are fused into them), or in fp64 when M is fp64 (exact comparisons against a reference).
+    Returns ``[..., n, m]`` in fp32 (fp64 for an fp64 M): with the default schedule its singular
+    values are close to 1 (tests/train/test_muon.py measures them).
     """
     compute = torch.float64 if M.dtype == torch.float64 else torch.bfloat16
-    X = M.to(torch.float64 if compute == torch.float64 else torch.float32)
+    shape = M.shape
+    X = M.reshape(-1, *shape[-2:]).to(torch.float64 if compute == torch.float64 else torch.float32)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
     X = (X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)).to(compute)
     for a, b, c in steps:
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
     if tall:
         X = X.mT
-    return X.to(torch.float64 if compute == torch.float64 else torch.float32)
+    return X.to(torch.float64 if compute == torch.float64 else torch.float32).reshape(shape)
+
+
+#: The most matrix elements one Newton-Schulz call takes (per rank): bounds the step's temporaries
+#: to a few GiB (fp32 inputs, bf16 iterates and Gram matrices, fp32 updates).
+MAX_BATCH_ELEMENTS = 2**27
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (aliasing it: in-place updates land in the DTensor), or t."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class WholeMatrixPlan(NamedTuple):
+    """How a parameter's matrices are assembled for orthogonalisation.
+
+    ``gathered`` False: this rank holds whole matrices (a plain tensor, or a DTensor sharded only on
+    its batch dims, e.g. expert parallelism's Shard(0) of ``[E, out, in]``): ``shape`` is the local
+    shape. ``gathered`` True: one mesh dimension shards a matrix dim (FSDP2's Shard(0) of a 2-D
+    weight): ``shape`` is this rank's part with ``dim`` whole; the pieces of each matrix are
+    gathered to one rank of that mesh dimension's ``group`` (``size`` ranks, this one ``rank``),
+    which orthogonalises it and scatters the update back."""
+
+    shape: tuple[int, ...]
+    gathered: bool = False
+    group: object = None
+    dim: int = 0
+    size: int = 1
+    rank: int = 0
+
+    @property
+    def key(self):
+        return (self.gathered, self.group, self.dim)
+
+
+def whole_matrix_plan(p: torch.Tensor) -> WholeMatrixPlan:
+    if not isinstance(p, DTensor):
+        return WholeMatrixPlan(tuple(p.shape))
+    local_shape = tuple(p.to_local().shape)
+    matrix_dims = (p.dim() - 2, p.dim() - 1)
+    if any(placement.is_partial() for placement in p.placements):
+        raise ValueError(f"Muon: a parameter of placements {p.placements} has a partial value; Muon needs its full value")
+    cutting = [(i, pl.dim) for i, pl in enumerate(p.placements) if pl.is_shard() and pl.dim in matrix_dims]
+    if not cutting:
+        return WholeMatrixPlan(local_shape)
+    if len(cutting) > 1 or type(p.placements[cutting[0][0]]) is not Shard:
+        raise ValueError(
+            f"Muon: a parameter of shape {tuple(p.shape)} is sharded over {p.device_mesh} with placements "
+            f"{p.placements}: more than one mesh dimension cuts its matrices, which Muon does not assemble; "
+            "allowed: one mesh dimension with Shard on a matrix dim (FSDP / HSDP), shards of whole matrices (EP)"
+        )  # fmt: skip
+    mesh_dim, dim = cutting[0]
+    group = p.device_mesh.get_group(mesh_dim)
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if local_shape[dim] != _piece_size(p.shape[dim], size, rank):
+        raise ValueError(f"Muon: unexpected shard of {local_shape} for a parameter {tuple(p.shape)} with {p.placements}")
+    full = tuple(p.shape[dim] if d == dim else n for d, n in enumerate(local_shape))
+    return WholeMatrixPlan(full, True, group, dim, size, rank)
+
+
+def _piece_size(n: int, size: int, rank: int) -> int:
+    """Rows of rank ``rank`` when ``n`` are sharded over ``size`` ranks (torch.chunk, as Shard does)."""
+    chunk = -(-n // size)
+    return max(0, min(chunk, n - rank * chunk))
+
+
+def _padded(piece: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
+    """piece with dim zero-padded to ``rows`` (collectives move pieces of one size)."""
+    missing = rows - piece.shape[dim]
+    if missing == 0:
+        return piece.contiguous()
+    return torch.cat([piece, piece.new_zeros([*piece.shape[:dim], missing, *piece.shape[dim + 1 :]])], dim=dim)
+
+
+def gather_to_owners(pieces: list[torch.Tensor], owners: list[int], plan: WholeMatrixPlan) -> dict[int, torch.Tensor]:
+    """Each rank's piece of matrix i -> the whole matrix i on rank owners[i] (group ranks).
+    Returns {i: whole} for the matrices this rank owns."""
+    n = plan.shape[plan.dim]
+    rows = -(-n // plan.size)
+    received: dict[int, list[torch.Tensor]] = {}
+    works = []
+    for i, (piece, owner) in enumerate(zip(pieces, owners)):
+        buffers = None
+        if owner == plan.rank:
+            buffers = received[i] = [piece.new_empty([*piece.shape[: plan.dim], rows, *piece.shape[plan.dim + 1 :]]) for _ in range(plan.size)]
+        works.append(dist.gather(_padded(piece, plan.dim, rows), buffers, group=plan.group, group_dst=owner, async_op=True))
+    for work in works:
+        work.wait()
+    return {
+        i: torch.cat([b.narrow(plan.dim, 0, _piece_size(n, plan.size, r)) for r, b in enumerate(buffers)], dim=plan.dim)
+        for i, buffers in received.items()
+    }
+
+
+def scatter_from_owners(
+    wholes: dict[int, torch.Tensor], owners: list[int], plan: WholeMatrixPlan, pieces: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The inverse of gather_to_owners: the owner of matrix i sends each rank its piece of
+    ``wholes[i]``; returns this rank's pieces (shaped as ``pieces``)."""
+    n = plan.shape[plan.dim]
+    rows = -(-n // plan.size)
+    outputs, works = [], []
+    for i, (piece, owner) in enumerate(zip(pieces, owners)):
+        out = piece.new_empty([*piece.shape[: plan.dim], rows, *piece.shape[plan.dim + 1 :]])
+        chunks = None
+        if owner == plan.rank:
+            chunks = [_padded(c, plan.dim, rows) for c in wholes[i].split(rows, dim=plan.dim)]
+            chunks += [out.new_zeros(out.shape) for _ in range(plan.size - len(chunks))]
+        works.append(dist.scatter(out, chunks, group=plan.group, group_src=owner, async_op=True))
+        outputs.append(out.narrow(plan.dim, 0, piece.shape[plan.dim]))
+    for work in works:
+        work.wait()
+    return outputs
 
 
 def _check(name: str, value, ok: bool, allowed: str) -> None:
@@ -122,36 +239,61 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, groups: list[dict]) -> None:
-        # (params, their blocks) of every parameter, then one Newton-Schulz call per block shape.
-        todo = []  # (group, p, blocks [k, r, m] list)
-        buckets: dict = defaultdict(list)  # key -> [(index in todo, block index)]
+        # Parameters of one group, shape and placement are orthogonalised together, in batches of
+        # at most MAX_BATCH_ELEMENTS matrix elements (bounds the step's temporaries).
+        batches: dict = defaultdict(list)
         for group in groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype)
-                buf = state["momentum_buffer"]
-                grad = p.grad.to(state_dtype)
-                buf.mul_(group["momentum"]).add_(grad)
-                u = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                matrices = u.reshape(-1, *u.shape[-2:])  # [k, n, m]
-                blocks = list(matrices.split(group["row_blocks"], dim=-2)) if group["row_blocks"] else [matrices]
-                todo.append((group, p, blocks))
-                for j, block in enumerate(blocks):
-                    key = (tuple(block.shape[-2:]), block.dtype, block.device, group["ns_coefficients"], group["eps"])
-                    buckets[key].append((len(todo) - 1, j))
-        for (shape, _, _, steps, eps), members in buckets.items():
-            stacked = torch.cat([todo[i][2][j] for i, j in members])
-            orthogonal = newton_schulz(stacked, steps, eps).split([todo[i][2][j].shape[0] for i, j in members])
-            for (i, j), o in zip(members, orthogonal):
-                todo[i][2][j] = o * math.sqrt(max(shape))
-        for group, p, blocks in todo:
-            update = torch.cat(blocks, dim=-2).reshape(p.shape) * group["update_rms"]
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(update.to(p.dtype), alpha=-group["lr"])
+                if p.grad is not None:
+                    plan = whole_matrix_plan(p)
+                    batches[(id(group), plan.shape, p.dtype, plan.key)].append((group, p, plan))
+        owner = 0  # gathered matrices go to the group's ranks in turn, across batches
+        for members in batches.values():
+            group, _, plan = members[0]
+            budget = MAX_BATCH_ELEMENTS * (plan.size if plan.gathered else 1)
+            per_batch = max(1, budget // math.prod(plan.shape))
+            for start in range(0, len(members), per_batch):
+                batch = [p for _, p, _ in members[start : start + per_batch]]
+                inputs = [self._orthogonalisation_input(group, p) for p in batch]
+                if plan.gathered:
+                    owners = [(owner + i) % plan.size for i in range(len(batch))]
+                    owner = (owner + len(batch)) % plan.size
+                    mine = [i for i, o in enumerate(owners) if o == plan.rank]
+                    full = gather_to_owners(inputs, owners, plan)
+                    updates = self._updates(group, [full[i] for i in mine], plan.shape)
+                    local = scatter_from_owners(dict(zip(mine, updates)), owners, plan, inputs)
+                else:
+                    local = self._updates(group, inputs, plan.shape)
+                for p, update in zip(batch, local):
+                    p_local = _local(p)
+                    p_local.mul_(1 - group["lr"] * group["weight_decay"])
+                    p_local.add_(update.to(p_local.dtype), alpha=-group["lr"])
+
+    def _orthogonalisation_input(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        """Updates p's momentum buffer with its gradient; returns what Newton-Schulz takes (this
+        rank's part of p, fp32 or fp64)."""
+        state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype)
+        buf = _local(state["momentum_buffer"])
+        grad = _local(p.grad).to(state_dtype)
+        buf.mul_(group["momentum"]).add_(grad)
+        return torch.add(grad, buf, alpha=group["momentum"]) if group["nesterov"] else buf.clone()
+
+    @staticmethod
+    def _updates(group: dict, inputs: list[torch.Tensor], shape: tuple[int, ...]) -> list[torch.Tensor]:
+        """update_rms * sqrt(max(rows, cols)) * newton_schulz for each matrix (row block) of each
+        input of ``shape``, in one batched call per block shape."""
+        if not inputs:
+            return []
+        matrices = torch.stack(inputs).reshape(-1, *shape[-2:])  # [k, n, m]
+        blocks = matrices.split(group["row_blocks"], dim=-2) if group["row_blocks"] else (matrices,)
+        orthogonal = [
+            newton_schulz(block, group["ns_coefficients"], group["eps"]).mul_(group["update_rms"] * math.sqrt(max(block.shape[-2:])))
+            for block in blocks
+        ]  # fmt: skip
+        return list(torch.cat(orthogonal, dim=-2).reshape(len(inputs), *shape).unbind())
 
 
 class MuonWithAdamW(Muon):
