@@ -11,10 +11,10 @@ processes) with FSDP=4. Runs are shared between the tests through a module-scope
 
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
+from tests.helpers.layout_runs import Runs
 from tests.helpers.tensorboard_metrics import TENSORBOARD_ARGS, precise_metrics
 from tests.helpers.tolerances import BF16_LAYOUT_REL, LAYOUT_REL
 from tests.helpers.train_runner import read_metrics, run_train
@@ -31,34 +31,9 @@ PP2 = ("--parallelism.pipeline_parallel_degree", "2")
 HEAD = "hc_head,norm,output,mtp.0"
 
 
-class Runs:
-    """Training runs by name, each made once per test module, all from one seed checkpoint.
-
-    torchtitan initialises each pipeline stage from the same seed, so a split model starts from
-    other weights than the whole one; loading one seed checkpoint makes the starts equal.
-    """
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.seed = root / "seed"
-        run_train("--checkpoint.enable", "--checkpoint.create_seed_checkpoint", "--training.steps", "1",
-                  "--debug.seed", "0", "--job.dump_folder", str(self.seed))  # fmt: skip
-        self.made: dict[str, tuple] = {}
-
-    def get(self, name: str, *args: str, nproc: int = 1):
-        """(TrainRun, loss, grad_norm) of the run `name`, made on first use."""
-        if name not in self.made:
-            folder = self.root / name
-            seed = ("--checkpoint.initial_load_path", str(self.seed / "checkpoint" / "step-0"))
-            run = run_train(*TRAIN_ARGS, *seed, *args, "--job.dump_folder", str(folder), nproc=nproc,
-                            log_rank=",".join(map(str, range(nproc))))  # fmt: skip
-            self.made[name] = (run, *precise_metrics(folder))
-        return self.made[name]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return Runs(tmp_path_factory.mktemp("pipeline"))
+    return Runs(tmp_path_factory.mktemp("pipeline"), TRAIN_ARGS)
 
 
 def assert_same_curves(actual, expected, steps=range(1, STEPS + 1), rel=LAYOUT_REL):

@@ -104,11 +104,16 @@ def test_checkpoint_round_trip_through_the_container():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("field", sorted(LAYOUT))
-def test_refuses_sharded_layouts(field):
-    dims = types.SimpleNamespace(get_optional_mesh=lambda name: None, **{**LAYOUT, field: True})
-    with pytest.raises(JobConfigError, match=r"optimizer.name='Muon' is invalid with .*not implemented yet"):
-        build_v4_optimizers([_model()], _config(), dims)
+@pytest.mark.parametrize("field", ["tp_enabled", "early_step_in_backward", "fault_tolerance"])
+def test_refuses_what_muon_does_not_handle(field):
+    dims = types.SimpleNamespace(get_optional_mesh=lambda name: None, **{**LAYOUT, "tp_enabled": field == "tp_enabled"})
+    config = _config()
+    config.early_step_in_backward = field == "early_step_in_backward"
+    ft = types.SimpleNamespace(enabled=True) if field == "fault_tolerance" else None
+    what = {"tp_enabled": "tensor parallelism", "early_step_in_backward": "optimizer.early_step_in_backward",
+            "fault_tolerance": "fault tolerance"}[field]  # fmt: skip
+    with pytest.raises(JobConfigError, match=rf"optimizer.name='Muon' is invalid with {what}: not implemented for Muon"):
+        build_v4_optimizers([_model()], config, dims, ft)
 
 
 def test_init_optimizer_state_leaves_the_model_unchanged():

@@ -14,14 +14,13 @@ equal to what the optimizer creates at a parameter's first gradient.
 
 ``optimizer.name = "Muon"`` (docs/deepseek_v4.md, "Muon"): per model part one
 :class:`~titan_v4.train.muon.MuonWithAdamW`, whose groups :func:`muon_or_adamw` and
-:func:`muon_row_blocks` decide, with the ``[v4] muon_*`` settings; single-process only for now.
+:func:`muon_row_blocks` decide, with the ``[v4] muon_*`` settings.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from torchtitan.components.ft import FTManager
 from torchtitan.components.optimizer import OptimizersContainer, build_optimizers
@@ -35,7 +34,7 @@ from titan_v4.model.compressor import Compressor
 from titan_v4.model.mhc import HyperConnection
 from titan_v4.model.moe import V4MoE, moe_layers
 from titan_v4.train.indexer_phase import backbone_frozen
-from titan_v4.train.muon import MuonWithAdamW
+from titan_v4.train.muon import MuonWithAdamW, whole_matrix_plan
 
 
 @torch.no_grad()
@@ -171,28 +170,34 @@ class MuonOptimizersContainer(OptimizersContainer):
             + f"; Muon momentum {v4.muon_momentum} (Nesterov {v4.muon_nesterov}), Newton-Schulz "
             f"{v4.muon_ns_steps}+{v4.muon_ns_cleanup_steps} steps, update RMS {v4.muon_update_rms}"
         )  # fmt: skip
+        plans = [whole_matrix_plan(p) for o in self.optimizers for g in o.param_groups
+                 if g.get("algorithm", "muon") == "muon" for p in g["params"]]  # fmt: skip
+        gathered = [plan for plan in plans if plan.gathered]
+        if gathered:
+            logger.info(
+                f"titan_v4: Muon: {len(gathered)} of {len(plans)} tensors are sharded across their matrices "
+                f"(FSDP): each matrix is gathered to an owner rank (in turn over the {gathered[0].size} ranks of "
+                "its shard group, same-shape matrices spread evenly), orthogonalised there and its update "
+                f"scattered back; the other {len(plans) - len(gathered)} hold whole matrices on every rank"
+            )  # fmt: skip
 
 
-def _refuse_sharded_muon(model_parts, optimizer_config, parallel_dims, ft_manager) -> None:
-    """Muon orthogonalises whole matrices: on a shard (FSDP, TP, EP) that is a different, wrong
-    update; pipeline stages and replicas are refused too until the sharded version exists."""
+def _refuse_unsupported_muon(optimizer_config, parallel_dims, ft_manager) -> None:
+    """Muon orthogonalises whole matrices. FSDP / HSDP shards (one mesh dimension cutting a matrix)
+    are gathered to one rank per matrix, EP shards hold whole experts, pipeline stages and DDP
+    replicas hold whole parameters (titan_v4/train/muon.py). Tensor parallelism (a second mesh
+    dimension cutting the matrices), a step inside the backward (one parameter at a time, no
+    batching, no gathering) and fault tolerance's replica groups are not handled."""
     layout = {
-        "data-parallel sharding (FSDP)": parallel_dims.fsdp_enabled,
-        "data-parallel replication": parallel_dims.dp_replicate_enabled,
         "tensor parallelism": parallel_dims.tp_enabled,
-        "expert parallelism": parallel_dims.ep_enabled,
-        "pipeline parallelism": parallel_dims.pp_enabled,
         "optimizer.early_step_in_backward": optimizer_config.early_step_in_backward,
         "fault tolerance": bool(ft_manager and ft_manager.enabled),
     }
     used = [what for what, on in layout.items() if on]
-    if not used and any(isinstance(p, DTensor) for m in model_parts for p in m.parameters()):
-        used = ["parameters sharded as DTensors"]
     if used:
         raise JobConfigError(
-            f"optimizer.name='Muon' is invalid with {', '.join(used)}: sharded / distributed Muon is not "
-            "implemented yet (orthogonalising a shard of a matrix would be wrong); allowed is a "
-            "single-process run, or optimizer.name='AdamW'"
+            f"optimizer.name='Muon' is invalid with {', '.join(used)}: not implemented for Muon; allowed are "
+            "FSDP / HSDP, DDP, expert and pipeline parallelism, or optimizer.name='AdamW'"
         )
 
 
@@ -209,7 +214,7 @@ def build_v4_optimizers(
     torchtitan hands this function only the ``[optimizer]`` section; V4Trainer attaches the
     ``[v4]`` section to it as ``optimizer_config.v4`` (the defaults where it has not)."""
     if optimizer_config.name == "Muon":
-        _refuse_sharded_muon(model_parts, optimizer_config, parallel_dims, ft_manager)
+        _refuse_unsupported_muon(optimizer_config, parallel_dims, ft_manager)
         optimizers = MuonOptimizersContainer(model_parts, optimizer_config, getattr(optimizer_config, "v4", None) or V4())
     else:
         optimizers = build_optimizers(
