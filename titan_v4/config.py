@@ -38,6 +38,11 @@ class V4:
     mtp_loss_weight: float = 0.3
     """Weight of the multi-token-prediction loss added to the main next-token loss (>= 0)."""
 
+    mtp_loss_weight_in_lr_decay: float = -1.0
+    """The MTP loss weight from the first step whose learning rate the schedule decays (torchtitan's
+    warm-up / stable / decay schedule, ``[lr_scheduler]``) to the end of training (>= 0); -1 keeps
+    mtp_loss_weight throughout. DeepSeek-V4 trained with 0.3, then 0.1 once the lr decay starts."""
+
     seq_balance_loss_weight: float = 1e-4
     """Weight of the sequence-wise expert balance loss (>= 0)."""
 
@@ -111,6 +116,12 @@ class V4:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise V4ConfigError(f"v4.{name}={value!r} is invalid: allowed values are numbers >= 0")
+        value = self.mtp_loss_weight_in_lr_decay
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or (value < 0 and value != -1):
+            raise V4ConfigError(
+                f"v4.mtp_loss_weight_in_lr_decay={value!r} is invalid: allowed values are numbers >= 0, or -1 "
+                "(keep v4.mtp_loss_weight)"
+            )
         value = self.max_nonfinite_steps
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise V4ConfigError(f"v4.max_nonfinite_steps={value!r} is invalid: allowed values are integers >= 0")

@@ -1,6 +1,7 @@
 """End to end: the default config (train_configs/debug.toml, deepseek_v4 debugmodel) trains on the
 CPU through ./run_train.sh, writes checkpoints, and a restart resumes exactly where it stopped."""
 
+import re
 import shutil
 
 import pytest
@@ -37,3 +38,24 @@ def test_default_config_trains_checkpoints_and_resumes(tmp_path):
     assert sorted(again.loss) == [1, 2]
     first_losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "first")}
     assert [r["loss"] for r in read_metrics(tmp_path / "again")] == [first_losses[1], first_losses[2]]
+
+
+_TERMS = re.compile(r"step:\s*(\d+)\s+lm_loss: ([\d.]+)\s+mtp_loss: ([\d.]+)")
+
+
+@pytest.mark.slow
+def test_mtp_weight_drops_when_the_lr_decay_starts(tmp_path):
+    # 6 steps, warm-up 2, decay over round(6 * 0.5) = 3 steps: torchtitan's schedule decays the lr
+    # from step 5 on (its stable phase counts a virtual last step).
+    run = run_train("--training.steps", "6", "--lr_scheduler.warmup_steps", "2", "--lr_scheduler.decay_ratio", "0.5",
+                    "--v4.mtp_loss_weight", "0.3", "--v4.mtp_loss_weight_in_lr_decay", "0.1", "--checkpoint.no-enable",
+                    "--job.dump_folder", str(tmp_path))  # fmt: skip
+    assert "titan_v4: MTP loss weight 0.3, then 0.1 from step 5 on" in run.log
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
+    assert lrs[5] < lrs[4] == lrs[3], lrs  # the lr decays from step 5
+    terms = {int(s): (float(lm), float(mtp)) for s, lm, mtp in _TERMS.findall(run.log)}
+    assert sorted(terms) == [1, 2, 3, 4, 5, 6]
+    seq_len = 256  # debug.toml: the MTP head predicts one token fewer per sequence
+    for step, (lm, mtp) in terms.items():
+        weight = 0.3 if step < 5 else 0.1
+        assert run.loss[step] - lm == pytest.approx(weight * mtp * (seq_len - 1) / seq_len, abs=5e-4), (step, run.loss, terms)

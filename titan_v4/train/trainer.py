@@ -68,6 +68,7 @@ from titan_v4.train.checks import check_job_config  # noqa: E402
 from titan_v4.train.clip import FoldedClipping  # noqa: E402
 from titan_v4.train.indexer_phase import backbone_frozen, drop_backbone_grads  # noqa: E402
 from titan_v4.train.loss_terms import format_loss_terms, read_loss_terms  # noqa: E402
+from titan_v4.train.mtp_weight import lr_decay_start, mtp_loss_weight_at  # noqa: E402
 from titan_v4.train.nonfinite import NonFiniteGuard, ObserveLoss  # noqa: E402
 from titan_v4.train.optimizer import init_optimizer_state  # noqa: E402
 
@@ -91,6 +92,7 @@ class V4Trainer(ObserveLoss, Trainer):
             init_optimizer_state(self.optimizers)
         if self.checkpointer.enable and v4_settings(job_config).checkpoint_checksums:
             resume.record_checksums(self.checkpointer)
+        self._log_mtp_weight_schedule(job_config)
         self.folded_clipping = FoldedClipping(self.optimizers)
         logger.info(
             f"titan_v4: gradient clipping at training.max_norm={job_config.training.max_norm} "
@@ -118,6 +120,22 @@ class V4Trainer(ObserveLoss, Trainer):
             f"pp={pd.pp} cp={pd.cp} ep={pd.ep}), {job_config.training.steps} steps, "
             f"dump folder {job_config.job.dump_folder}"
         )
+
+    def _log_mtp_weight_schedule(self, job_config) -> None:
+        v4 = v4_settings(job_config)
+        self.mtp_decay_start = lr_decay_start(self.lr_schedulers)
+        if v4.mtp_loss_weight_in_lr_decay < 0:
+            return
+        if self.mtp_decay_start is None or self.mtp_decay_start > job_config.training.steps:
+            logger.warning(
+                f"titan_v4: v4.mtp_loss_weight_in_lr_decay={v4.mtp_loss_weight_in_lr_decay} has no effect: the "
+                f"learning rate does not decay within the {job_config.training.steps} steps ([lr_scheduler])"
+            )
+        else:
+            logger.info(
+                f"titan_v4: MTP loss weight {v4.mtp_loss_weight}, then {v4.mtp_loss_weight_in_lr_decay} from step "
+                f"{self.mtp_decay_start} on (the first step with a decayed learning rate)"
+            )
 
     def init_distributed(self):
         # First thing torchtitan does with the config: refuse a bad one before building anything.
@@ -179,6 +197,11 @@ class V4Trainer(ObserveLoss, Trainer):
         return mine
 
     def train_step(self, data_iterator):
+        if hasattr(self.loss_fn, "mtp_loss_weight"):  # V4Loss (a test plug-in's loss has none)
+            v4 = v4_settings(self.job_config)
+            self.loss_fn.mtp_loss_weight = mtp_loss_weight_at(
+                self.step, v4.mtp_loss_weight, v4.mtp_loss_weight_in_lr_decay, self.mtp_decay_start
+            )
         with self.folded_clipping.during_step():  # the clip's scaling done by the fused AdamW
             super().train_step(data_iterator)
         if self.metrics_processor.should_log(self.step):
