@@ -79,3 +79,19 @@ def test_shipped_configs_set_a_seed(name):
 
     path = Path(__file__).resolve().parents[1] / "train_configs" / f"{name}.toml"
     assert isinstance(job_config("--job.config_file", str(path)).debug.seed, int)
+
+
+@pytest.mark.parametrize("name", ["flash", "pro"])
+def test_released_configs_use_the_papers_optimizer(name):
+    """The paper's recipe (docs/deepseek_v4.md, "Muon"): Muon with Nesterov momentum 0.95, 8 + 2
+    Newton-Schulz steps, update RMS 0.18; AdamW betas (0.9, 0.95), eps 1e-20, weight decay 0.1; cosine
+    decay to 0.1x; MTP weight 0.3, then 0.1 in the decay."""
+    from pathlib import Path
+
+    config = job_config("--job.config_file", str(Path(__file__).resolve().parents[1] / "train_configs" / f"{name}.toml"))
+    optimizer, v4, schedule = config.optimizer, config.v4, config.lr_scheduler
+    assert optimizer.name == "Muon"
+    assert (optimizer.beta1, optimizer.beta2, optimizer.eps, optimizer.weight_decay) == (0.9, 0.95, 1e-20, 0.1)
+    assert (v4.muon_momentum, v4.muon_nesterov, v4.muon_ns_steps, v4.muon_ns_cleanup_steps, v4.muon_update_rms) == (0.95, True, 8, 2, 0.18)
+    assert (schedule.decay_type, schedule.min_lr_factor) == ("cosine", 0.1)
+    assert (v4.mtp_loss_weight, v4.mtp_loss_weight_in_lr_decay) == (0.3, 0.1)
