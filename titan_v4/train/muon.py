@@ -95,6 +95,9 @@ class WholeMatrixPlan(NamedTuple):
 
 
 def whole_matrix_plan(p: torch.Tensor) -> WholeMatrixPlan:
+    """How Muon assembles the whole matrices of parameter ``p`` (a tensor or a DTensor) on this
+    rank; a DTensor whose matrices are cut in a way it cannot reassemble (two mesh dimensions, a
+    strided shard, a partial value) is an error naming its placements."""
     if not isinstance(p, DTensor):
         return WholeMatrixPlan(tuple(p.shape))
     local_shape = tuple(p.to_local().shape)
@@ -107,8 +110,9 @@ def whole_matrix_plan(p: torch.Tensor) -> WholeMatrixPlan:
     if len(cutting) > 1 or type(p.placements[cutting[0][0]]) is not Shard:
         raise ValueError(
             f"Muon: a parameter of shape {tuple(p.shape)} is sharded over {p.device_mesh} with placements "
-            f"{p.placements}: more than one mesh dimension cuts its matrices, which Muon does not assemble; "
-            "allowed: one mesh dimension with Shard on a matrix dim (FSDP / HSDP), shards of whole matrices (EP)"
+            f"{p.placements}: its matrices are cut by more than one mesh dimension or by a strided shard, which "
+            "Muon does not reassemble; allowed: one mesh dimension with Shard on a matrix dim (FSDP / HSDP), "
+            "shards of whole matrices (EP)"
         )  # fmt: skip
     mesh_dim, dim = cutting[0]
     group = p.device_mesh.get_group(mesh_dim)

@@ -178,7 +178,7 @@ class MuonOptimizersContainer(OptimizersContainer):
                 f"titan_v4: Muon: {len(gathered)} of {len(plans)} tensors are sharded across their matrices "
                 f"(FSDP): each matrix is gathered to an owner rank (in turn over the {gathered[0].size} ranks of "
                 "its shard group, same-shape matrices spread evenly), orthogonalised there and its update "
-                f"scattered back; the other {len(plans) - len(gathered)} hold whole matrices on every rank"
+                f"scattered back; the other {len(plans) - len(gathered)} hold whole matrices where they are"
             )  # fmt: skip
 
 
