@@ -126,7 +126,9 @@ def test_newton_schulz_matches_reference_and_dtypes():
     for k in range(3):
         torch.testing.assert_close(out[k], reference_orthogonalise(M[k]), rtol=0, atol=1e-12)
     for dtype in (torch.float32, torch.bfloat16):
-        assert newton_schulz(M.to(dtype), DEFAULT_NS_COEFFICIENTS).dtype == torch.float32
+        assert newton_schulz(M.to(dtype), DEFAULT_NS_COEFFICIENTS).dtype == torch.bfloat16
+    # scale multiplies the result (folded into the last step)
+    torch.testing.assert_close(newton_schulz(M, DEFAULT_NS_COEFFICIENTS, scale=2.5), 2.5 * out, rtol=0, atol=1e-12)
 
 
 def test_stacked_experts_equal_separate_matrices():

@@ -36,30 +36,38 @@ from torch.optim.adam import adam
 DEFAULT_NS_COEFFICIENTS = ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
 
 
-def newton_schulz(M: torch.Tensor, steps: Sequence[tuple[float, float, float]], eps: float = 1e-7) -> torch.Tensor:
-    """Approximate orthogonalisation of every matrix of ``M`` (``[..., n, m]``, leading dims batch).
+def newton_schulz(
+    M: torch.Tensor, steps: Sequence[tuple[float, float, float]], eps: float = 1e-7, scale: float = 1.0
+) -> torch.Tensor:
+    """``scale`` times the approximate orthogonalisation of every matrix of ``M`` (``[..., n, m]``,
+    leading dims batch).
 
-    X0 = M / (||M||_F + eps) (per matrix, in fp32), then for each (a, b, c) of ``steps``:
-    A = X X^T, B = b A + c A A, X = a X + B X. A tall matrix (n > m) is transposed first so that
-    A is the small side's Gram matrix. The matmuls run in bf16 (fp32 accumulation; the scaled sums
-    are fused into them), or in fp64 when M is fp64 (exact comparisons against a reference).
-    Returns ``[..., n, m]`` in fp32 (fp64 for an fp64 M): with the default schedule its singular
-    values are close to 1 (tests/train/test_muon.py measures them).
+    X0 = M / (||M||_F + eps) (per matrix, the norm in fp32), then for each (a, b, c) of ``steps``:
+    A = X X^T, B = b A + c A A, X = a X + B X; the last step also multiplies by ``scale``. A tall
+    matrix (n > m) is transposed first so that A is the small side's Gram matrix. The matmuls run in
+    bf16 with fp32 accumulation (the scaled sums are fused into them), or in fp64 when M is fp64
+    (exact comparisons against a reference). Returns ``[..., n, m]`` in bf16 (fp64 for an fp64 M):
+    with the default schedule its singular values are close to ``scale`` (tests/train/test_muon.py
+    measures them).
     """
     compute = torch.float64 if M.dtype == torch.float64 else torch.bfloat16
     shape = M.shape
-    X = M.reshape(-1, *shape[-2:]).to(torch.float64 if compute == torch.float64 else torch.float32)
+    X = M.reshape(-1, *shape[-2:])
+    if X.dtype not in (torch.float32, torch.float64):
+        X = X.float()
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = (X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)).to(compute)
-    for a, b, c in steps:
+    norm = torch.linalg.matrix_norm(X, keepdim=True).add_(eps)
+    X = torch.div(X, norm, out=torch.empty(X.shape, dtype=compute, device=X.device))
+    for i, (a, b, c) in enumerate(steps):
+        s = scale if i == len(steps) - 1 else 1.0
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+        X = torch.baddbmm(X, B, X, beta=a * s, alpha=s)
     if tall:
         X = X.mT
-    return X.to(torch.float64 if compute == torch.float64 else torch.float32).reshape(shape)
+    return X.reshape(shape)
 
 
 #: The most matrix elements one Newton-Schulz call takes (per rank): bounds the step's temporaries
@@ -158,15 +166,15 @@ def gather_to_owners(pieces: list[torch.Tensor], owners: list[int], plan: WholeM
 
 
 def scatter_from_owners(
-    wholes: dict[int, torch.Tensor], owners: list[int], plan: WholeMatrixPlan, pieces: list[torch.Tensor]
+    wholes: dict[int, torch.Tensor], owners: list[int], plan: WholeMatrixPlan, pieces: list[torch.Tensor], dtype: torch.dtype
 ) -> list[torch.Tensor]:
     """The inverse of gather_to_owners: the owner of matrix i sends each rank its piece of
-    ``wholes[i]``; returns this rank's pieces (shaped as ``pieces``)."""
+    ``wholes[i]`` (of ``dtype``); returns this rank's pieces (shaped as ``pieces``)."""
     n = plan.shape[plan.dim]
     rows = -(-n // plan.size)
     outputs, works = [], []
     for i, (piece, owner) in enumerate(zip(pieces, owners)):
-        out = piece.new_empty([*piece.shape[: plan.dim], rows, *piece.shape[plan.dim + 1 :]])
+        out = piece.new_empty([*piece.shape[: plan.dim], rows, *piece.shape[plan.dim + 1 :]], dtype=dtype)
         chunks = None
         if owner == plan.rank:
             chunks = [_padded(c, plan.dim, rows) for c in wholes[i].split(rows, dim=plan.dim)]
@@ -258,46 +266,65 @@ class Muon(torch.optim.Optimizer):
             per_batch = max(1, budget // math.prod(plan.shape))
             for start in range(0, len(members), per_batch):
                 batch = [p for _, p, _ in members[start : start + per_batch]]
-                inputs = [self._orthogonalisation_input(group, p) for p in batch]
+                inputs = self._orthogonalisation_inputs(group, batch)
                 if plan.gathered:
                     owners = [(owner + i) % plan.size for i in range(len(batch))]
                     owner = (owner + len(batch)) % plan.size
                     mine = [i for i, o in enumerate(owners) if o == plan.rank]
-                    full = gather_to_owners(inputs, owners, plan)
-                    updates = self._updates(group, [full[i] for i in mine], plan.shape)
-                    local = scatter_from_owners(dict(zip(mine, updates)), owners, plan, inputs)
+                    pieces = list(inputs.unbind())
+                    full = gather_to_owners(pieces, owners, plan)
+                    updates = self._updates(group, torch.stack([full[i] for i in mine]) if mine else None, plan.shape)
+                    del full
+                    local = scatter_from_owners(dict(zip(mine, updates)), owners, plan, pieces, _compute_dtype(inputs))
                 else:
                     local = self._updates(group, inputs, plan.shape)
-                for p, update in zip(batch, local):
-                    p_local = _local(p)
-                    p_local.mul_(1 - group["lr"] * group["weight_decay"])
-                    p_local.add_(update.to(p_local.dtype), alpha=-group["lr"])
+                del inputs
+                params = [_local(p) for p in batch]
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, local, alpha=-group["lr"])
 
-    def _orthogonalisation_input(self, group: dict, p: torch.Tensor) -> torch.Tensor:
-        """Updates p's momentum buffer with its gradient; returns what Newton-Schulz takes (this
-        rank's part of p, fp32 or fp64)."""
-        state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype)
-        buf = _local(state["momentum_buffer"])
-        grad = _local(p.grad).to(state_dtype)
-        buf.mul_(group["momentum"]).add_(grad)
-        return torch.add(grad, buf, alpha=group["momentum"]) if group["nesterov"] else buf.clone()
+    def _orthogonalisation_inputs(self, group: dict, batch: list[torch.Tensor]) -> torch.Tensor:
+        """Updates the momentum buffers of ``batch`` (parameters of one shape) with their gradients;
+        returns what Newton-Schulz takes, stacked: ``[len(batch), *this rank's part]``, fp32 (fp64
+        for fp64 parameters)."""
+        state_dtype = torch.float64 if batch[0].dtype == torch.float64 else torch.float32
+        buffers, grads = [], []
+        for p in batch:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype)
+            buffers.append(_local(state["momentum_buffer"]))
+            grads.append(_local(p.grad).to(state_dtype))
+        torch._foreach_mul_(buffers, group["momentum"])
+        torch._foreach_add_(buffers, grads)
+        stacked = torch.empty((len(batch), *buffers[0].shape), dtype=state_dtype, device=buffers[0].device)
+        for grad, buffer, out in zip(grads, buffers, stacked.unbind()):
+            if group["nesterov"]:
+                torch.add(grad, buffer, alpha=group["momentum"], out=out)
+            else:
+                out.copy_(buffer)
+        return stacked
 
     @staticmethod
-    def _updates(group: dict, inputs: list[torch.Tensor], shape: tuple[int, ...]) -> list[torch.Tensor]:
-        """update_rms * sqrt(max(rows, cols)) * newton_schulz for each matrix (row block) of each
-        input of ``shape``, in one batched call per block shape."""
-        if not inputs:
+    def _updates(group: dict, stacked: torch.Tensor | None, shape: tuple[int, ...]) -> list[torch.Tensor]:
+        """update_rms * sqrt(max(rows, cols)) * newton_schulz of each matrix (row block) of each of
+        the stacked ``[k, *shape]`` inputs, one batched call per block shape; k updates of ``shape``
+        in bf16 (fp64 for fp64 inputs)."""
+        if stacked is None:
             return []
-        matrices = torch.stack(inputs).reshape(-1, *shape[-2:])  # [k, n, m]
+        matrices = stacked.reshape(-1, *shape[-2:])  # [k * batch, n, m]
         blocks = matrices.split(group["row_blocks"], dim=-2) if group["row_blocks"] else (matrices,)
         orthogonal = [
-            newton_schulz(block, group["ns_coefficients"], group["eps"]).mul_(group["update_rms"] * math.sqrt(max(block.shape[-2:])))
+            newton_schulz(block, group["ns_coefficients"], group["eps"], scale=group["update_rms"] * math.sqrt(max(block.shape[-2:])))
             for block in blocks
         ]  # fmt: skip
-        return list(torch.cat(orthogonal, dim=-2).reshape(len(inputs), *shape).unbind())
+        update = orthogonal[0] if len(orthogonal) == 1 else torch.cat(orthogonal, dim=-2)
+        return list(update.reshape(stacked.shape[0], *shape).unbind())
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype of Newton-Schulz's result for an input like t."""
+    return torch.float64 if t.dtype == torch.float64 else torch.bfloat16
 
 
 class MuonWithAdamW(Muon):
