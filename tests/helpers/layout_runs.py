@@ -6,6 +6,8 @@ starts from other weights than the whole one; loading one seed checkpoint makes 
 
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.tensorboard_metrics import precise_metrics
 from tests.helpers.train_runner import run_train
 
@@ -34,3 +36,12 @@ class Runs:
                             log_rank=",".join(map(str, range(nproc))))  # fmt: skip
             self.made[name] = (run, *precise_metrics(folder))
         return self.made[name]
+
+
+def assert_same_curves(actual, expected, steps, rel: float) -> None:
+    """Two runs' (TrainRun, loss, grad_norm) agree at every step of ``steps``, within ``rel``."""
+    (_, loss, grad_norm), (_, ref_loss, ref_grad_norm) = actual, expected
+    for name, values, ref in (("loss", loss, ref_loss), ("grad_norm", grad_norm, ref_grad_norm)):
+        assert sorted(values) == list(steps), (name, values)
+        for step in steps:
+            assert values[step] == pytest.approx(ref[step], rel=rel), (name, step, values, ref)

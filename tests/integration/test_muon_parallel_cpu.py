@@ -6,19 +6,25 @@ The single-process optimizer, for a layout with one data-parallel rank (pipeline
 process; for two data-parallel ranks (which read other data than one process) it is DDP: every
 replica holds whole parameters and the all-reduced gradient, and runs Muon as one process does.
 FSDP2 shards each matrix over the ranks (titan_v4/train/muon.py gathers it to one owner rank),
-expert parallelism gives each rank whole experts of its own.
+expert parallelism gives each rank whole experts of its own. Also: an FSDP=2 run resumes its own
+step-2 checkpoint exactly, and DDP=2 resumes it too (the momentum resharded by the checkpoint).
 """
+
+import shutil
 
 import pytest
 
+from tests.helpers import layout_runs
 from tests.helpers.layout_runs import Runs
-from tests.helpers.tensorboard_metrics import TENSORBOARD_ARGS
+from tests.helpers.tensorboard_metrics import TENSORBOARD_ARGS, precise_metrics
+from tests.helpers.train_runner import run_train
 
 STEPS = 4
 TRAIN_ARGS = (
     "--optimizer.name", "Muon", "--training.steps", str(STEPS), "--training.local_batch_size", "4",
     "--training.seq_len", "64", "--lr_scheduler.warmup_steps", "2", "--debug.seed", "0",
-    "--checkpoint.enable", "--checkpoint.interval", "100", "--checkpoint.keep_latest_k", "0", *TENSORBOARD_ARGS,
+    # A checkpoint at step 2 (and at the end) for the resume tests.
+    "--checkpoint.enable", "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0", *TENSORBOARD_ARGS,
 )  # fmt: skip
 DDP2 = ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1")
 FSDP2 = ("--parallelism.data_parallel_shard_degree", "2")
@@ -32,14 +38,19 @@ def runs(tmp_path_factory):
     return Runs(tmp_path_factory.mktemp("muon_layouts"), TRAIN_ARGS)
 
 
-def assert_same_curves(actual, expected):
-    (_, loss, grad_norm), (_, ref_loss, ref_grad_norm) = actual, expected
-    for name, values, ref in (("loss", loss, ref_loss), ("grad_norm", grad_norm, ref_grad_norm)):
-        assert sorted(values) == list(range(1, STEPS + 1)), (name, values)
-        worst = max(abs(values[s] - ref[s]) / abs(ref[s]) for s in values)
-        assert worst < MUON_LAYOUT_REL, (name, worst, values, ref)
-    # Muon moved the model: the curves are not the first step's.
-    assert loss[STEPS] < loss[1] - 0.05, loss
+def assert_same_curves(actual, expected, steps=range(1, STEPS + 1), rel=MUON_LAYOUT_REL):
+    layout_runs.assert_same_curves(actual, expected, steps, rel)
+    ref_loss = expected[1]
+    assert ref_loss[STEPS] < ref_loss[1] - 0.05, ref_loss  # Muon moved the model
+
+
+def resume(runs, source: str, name: str, *args: str, nproc: int):
+    """A run in a new folder that resumes from the step-2 checkpoint of the run ``source``."""
+    folder = runs.root / name
+    shutil.copytree(runs.root / source / "checkpoint" / "step-2", folder / "checkpoint" / "step-2")
+    run = run_train(*runs.train_args, *args, "--job.dump_folder", str(folder), nproc=nproc, log_rank="0")
+    assert "titan_v4: resuming from the checkpoint of step 2; next step is 3" in run.log
+    return (run, *precise_metrics(folder))
 
 
 @pytest.mark.slow
@@ -59,3 +70,20 @@ def test_fsdp_steps_like_ddp(runs):
 def test_expert_parallel_with_fsdp_steps_like_ddp(runs):
     ep = runs.get("ep2-fsdp2", *FSDP2, "--parallelism.expert_parallel_degree", "2", nproc=2)
     assert_same_curves(ep, runs.get("ddp2", *DDP2, nproc=2))
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_its_checkpoint_exactly(runs):
+    """The momentum buffers are DTensors sharded like their parameters: saved and loaded with them."""
+    fsdp = runs.get("fsdp2", *FSDP2, nproc=2)
+    resumed = resume(runs, "fsdp2", "fsdp2-resumed", *FSDP2, nproc=2)
+    assert_same_curves(resumed, fsdp, steps=(3, 4), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_resumes_under_ddp(runs):
+    """Resharded by torchtitan's distributed checkpoint: the FSDP=2 run's state continues under DDP=2
+    as the FSDP=2 run continued (DDP and FSDP agree within MUON_LAYOUT_REL, test_fsdp_steps_like_ddp)."""
+    fsdp = runs.get("fsdp2", *FSDP2, nproc=2)
+    resumed = resume(runs, "fsdp2", "ddp2-from-fsdp2", *DDP2, nproc=2)
+    assert_same_curves(resumed, fsdp, steps=(3, 4))

@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 
+from tests.helpers import layout_runs
 from tests.helpers.layout_runs import Runs
 from tests.helpers.tensorboard_metrics import TENSORBOARD_ARGS, precise_metrics
 from tests.helpers.tolerances import BF16_LAYOUT_REL, LAYOUT_REL
@@ -37,11 +38,7 @@ def runs(tmp_path_factory):
 
 
 def assert_same_curves(actual, expected, steps=range(1, STEPS + 1), rel=LAYOUT_REL):
-    (_, loss, grad_norm), (_, ref_loss, ref_grad_norm) = actual, expected
-    for name, values, ref in (("loss", loss, ref_loss), ("grad_norm", grad_norm, ref_grad_norm)):
-        assert sorted(values) == list(steps), (name, values)
-        for step in steps:
-            assert values[step] == pytest.approx(ref[step], rel=rel), (name, step, values, ref)
+    layout_runs.assert_same_curves(actual, expected, steps, rel)
 
 
 def reference(runs):

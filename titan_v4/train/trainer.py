@@ -92,7 +92,7 @@ class V4Trainer(ObserveLoss, Trainer):
             init_optimizer_state(self.optimizers)
         if self.checkpointer.enable and v4_settings(job_config).checkpoint_checksums:
             resume.record_checksums(self.checkpointer)
-        self._log_mtp_weight_schedule(job_config)
+        self._plan_mtp_loss_weight(job_config)
         self.folded_clipping = FoldedClipping(self.optimizers)
         logger.info(
             f"titan_v4: gradient clipping at training.max_norm={job_config.training.max_norm} "
@@ -121,7 +121,9 @@ class V4Trainer(ObserveLoss, Trainer):
             f"dump folder {job_config.job.dump_folder}"
         )
 
-    def _log_mtp_weight_schedule(self, job_config) -> None:
+    def _plan_mtp_loss_weight(self, job_config) -> None:
+        """Finds the step from which v4.mtp_loss_weight_in_lr_decay applies (train_step sets the
+        loss's weight each step) and says it in the log."""
         v4 = v4_settings(job_config)
         self.mtp_decay_start = lr_decay_start(self.lr_schedulers)
         if v4.mtp_loss_weight_in_lr_decay < 0:
