@@ -13,16 +13,14 @@ from tests.helpers.train_runner import run_train
 
 
 class Runs:
-    """Training runs by name, each made once (tests share them through a module-scoped fixture).
+    """Training runs by name, each made once (tests share them through a module-scoped fixture);
+    ``train_args`` go to every run but the one that writes the seed checkpoint."""
 
-    ``train_args`` go to every run; ``seed_args`` to the run that writes the seed checkpoint too
-    (the settings that decide the model's parameters, e.g. the flavor)."""
-
-    def __init__(self, root: Path, train_args: tuple[str, ...], seed_args: tuple[str, ...] = ()):
+    def __init__(self, root: Path, train_args: tuple[str, ...]):
         self.root = root
         self.seed = root / "seed"
         self.train_args = train_args
-        run_train(*seed_args, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint", "--training.steps", "1",
+        run_train("--checkpoint.enable", "--checkpoint.create_seed_checkpoint", "--training.steps", "1",
                   "--debug.seed", "0", "--job.dump_folder", str(self.seed))  # fmt: skip
         self.made: dict[str, tuple] = {}
 
