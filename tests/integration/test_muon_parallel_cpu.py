@@ -6,7 +6,8 @@ The single-process optimizer, for a layout with one data-parallel rank (pipeline
 process; for two data-parallel ranks (which read other data than one process) it is DDP: every
 replica holds whole parameters and the all-reduced gradient, and runs Muon as one process does.
 FSDP2 shards each matrix over the ranks (titan_v4/train/muon.py gathers it to one owner rank),
-expert parallelism gives each rank whole experts of its own. Also: an FSDP=2 run resumes its own
+expert parallelism gives each rank whole experts of its own; HSDP (4 processes) against DDP=4.
+Also: an FSDP=2 run resumes its own
 step-2 checkpoint exactly, and DDP=2 resumes it too (the momentum resharded by the checkpoint).
 """
 
@@ -30,7 +31,7 @@ DDP2 = ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data
 FSDP2 = ("--parallelism.data_parallel_shard_degree", "2")
 # Muon's Newton-Schulz rounds to bf16: a layout's fp32 rounding differences in the gradients (~1e-7)
 # can move a bf16 rounding. Measured (worst of loss and grad norm over the steps): PP=2 against one
-# process 1.9e-6; FSDP=2 and EP=2 x FSDP=2 against DDP=2 1.1e-5; DDP=2 resumed from the FSDP=2
+# process 1.9e-6; FSDP=2 and EP=2 x FSDP=2 against DDP=2 1.1e-5; HSDP 2 x 2 against DDP=4 1.1e-5; DDP=2 resumed from the FSDP=2
 # checkpoint 1.1e-5; FSDP=2 resumed from its own 0. Orthogonalising FSDP shards instead of whole
 # matrices is off by 1.4e-3.
 MUON_LAYOUT_REL = 1e-4
@@ -90,3 +91,13 @@ def test_an_fsdp_checkpoint_resumes_under_ddp(runs):
     fsdp = runs.get("fsdp2", *FSDP2, nproc=2)
     resumed = resume(runs, "fsdp2", "ddp2-from-fsdp2", *DDP2, nproc=2)
     assert_same_curves(resumed, fsdp, steps=(3, 4))
+
+
+@pytest.mark.slow
+def test_hsdp_steps_like_ddp(runs):
+    """HSDP: FSDP2 on a [replicate 2, shard 2] mesh; each replica gathers over its own shard group."""
+    hsdp = runs.get("hsdp", "--parallelism.data_parallel_replicate_degree", "2", *FSDP2, nproc=4)
+    assert "Applied HSDP to the model" in hsdp[0].log
+    assert "gathered to an owner rank (in turn over the 2 ranks of its shard group" in hsdp[0].log
+    ddp4 = ("--parallelism.data_parallel_replicate_degree", "4", "--parallelism.data_parallel_shard_degree", "1")
+    assert_same_curves(hsdp, runs.get("ddp4", *ddp4, nproc=4))
