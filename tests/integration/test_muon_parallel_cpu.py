@@ -6,9 +6,9 @@ The single-process optimizer, for a layout with one data-parallel rank (pipeline
 process; for two data-parallel ranks (which read other data than one process) it is DDP: every
 replica holds whole parameters and the all-reduced gradient, and runs Muon as one process does.
 FSDP2 shards each matrix over the ranks (titan_v4/train/muon.py gathers it to one owner rank),
-expert parallelism gives each rank whole experts of its own; HSDP (4 processes) against DDP=4.
-Also: an FSDP=2 run resumes its own
-step-2 checkpoint exactly, and DDP=2 resumes it too (the momentum resharded by the checkpoint).
+expert parallelism gives each rank whole experts of its own; HSDP (4 processes) is compared with
+DDP=4. Also: an FSDP=2 run resumes its own step-2 checkpoint exactly, and DDP=2 resumes it too (the
+momentum resharded by the checkpoint).
 """
 
 import shutil
