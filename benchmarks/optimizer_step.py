@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 
 import torch
 from torchtitan.config import Optimizer as OptimizerConfig
@@ -45,9 +46,7 @@ ADAMW_BYTES_PER_PARAM = 28
 
 def newton_schulz_flops(shape: torch.Size, row_blocks: tuple[int, ...] | None, steps: int) -> int:
     """FLOPs of orthogonalising a parameter of ``shape`` ([..., n, m]) with ``steps`` steps."""
-    batch = 1
-    for size in shape[:-2]:
-        batch *= size
+    batch = math.prod(shape[:-2])
     flops = 0
     for rows in row_blocks or (shape[-2],):
         n, m = sorted((rows, shape[-1]))

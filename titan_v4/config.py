@@ -31,6 +31,11 @@ class JobConfigError(ValueError):
     titan_v4/infra/); the message names the setting, the value and what is allowed."""
 
 
+def _is_number(value) -> bool:
+    """An int or float from the TOML / CLI (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class V4:
     """DeepSeek-V4 run settings (TOML ``[v4]``, CLI ``--v4.<field>``)."""
@@ -114,10 +119,10 @@ class V4:
         self._check_muon()
         for name in ("mtp_loss_weight", "seq_balance_loss_weight", "indexer_loss_weight"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            if not _is_number(value) or value < 0:
                 raise V4ConfigError(f"v4.{name}={value!r} is invalid: allowed values are numbers >= 0")
         value = self.mtp_loss_weight_in_lr_decay
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or (value < 0 and value != -1):
+        if not _is_number(value) or (value < 0 and value != -1):
             raise V4ConfigError(
                 f"v4.mtp_loss_weight_in_lr_decay={value!r} is invalid: allowed values are numbers >= 0, or -1 "
                 "(keep v4.mtp_loss_weight)"
@@ -145,10 +150,7 @@ class V4:
             )
 
     def _check_muon(self) -> None:
-        def number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-        if not number(self.muon_momentum) or not 0 <= self.muon_momentum < 1:
+        if not _is_number(self.muon_momentum) or not 0 <= self.muon_momentum < 1:
             raise V4ConfigError(f"v4.muon_momentum={self.muon_momentum!r} is invalid: allowed values are numbers in [0, 1)")
         if not isinstance(self.muon_nesterov, bool):
             raise V4ConfigError(f"v4.muon_nesterov={self.muon_nesterov!r} is invalid: allowed values are true, false")
@@ -161,7 +163,7 @@ class V4:
                 f"v4.muon_ns_steps={self.muon_ns_steps!r} with v4.muon_ns_cleanup_steps="
                 f"{self.muon_ns_cleanup_steps!r} is invalid: allowed are at least one Newton-Schulz step in all"
             )
-        if not number(self.muon_update_rms) or not self.muon_update_rms > 0:
+        if not _is_number(self.muon_update_rms) or not self.muon_update_rms > 0:
             raise V4ConfigError(f"v4.muon_update_rms={self.muon_update_rms!r} is invalid: allowed values are numbers > 0")
 
 

@@ -32,8 +32,24 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim.adam import adam
 
-#: The hybrid schedule: 8 fast-converging steps, then 2 that settle the singular values at 1.
-DEFAULT_NS_COEFFICIENTS = ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
+#: The Newton-Schulz steps' (a, b, c): the fast-converging one, and the one that settles the
+#: singular values at 1.
+FAST_NS_STEP = (3.4445, -4.7750, 2.0315)
+CLEANUP_NS_STEP = (2.0, -1.5, 0.5)
+
+
+def hybrid_ns_coefficients(fast_steps: int, cleanup_steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The hybrid schedule: ``fast_steps`` fast steps, then ``cleanup_steps`` settling ones."""
+    return (FAST_NS_STEP,) * fast_steps + (CLEANUP_NS_STEP,) * cleanup_steps
+
+
+#: The paper's schedule: 8 fast steps, then 2 settling ones.
+DEFAULT_NS_COEFFICIENTS = hybrid_ns_coefficients(8, 2)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype of Newton-Schulz's matmuls and result for an input like t."""
+    return torch.float64 if t.dtype == torch.float64 else torch.bfloat16
 
 
 def newton_schulz(
@@ -50,7 +66,7 @@ def newton_schulz(
     with the default schedule its singular values are close to ``scale`` (tests/train/test_muon.py
     measures them).
     """
-    compute = torch.float64 if M.dtype == torch.float64 else torch.bfloat16
+    compute = _compute_dtype(M)
     shape = M.shape
     X = M.reshape(-1, *shape[-2:])
     if X.dtype not in (torch.float32, torch.float64):
@@ -101,6 +117,11 @@ class WholeMatrixPlan(NamedTuple):
     def key(self):
         return (self.gathered, self.group, self.dim)
 
+    @property
+    def piece_rows(self) -> int:
+        """The padded size of a piece along ``dim``, ceil(n / size): collectives move pieces of one size."""
+        return -(-self.shape[self.dim] // self.size)
+
 
 def whole_matrix_plan(p: torch.Tensor) -> WholeMatrixPlan:
     """How Muon assembles the whole matrices of parameter ``p`` (a tensor or a DTensor) on this
@@ -137,8 +158,13 @@ def _piece_size(n: int, size: int, rank: int) -> int:
     return max(0, min(chunk, n - rank * chunk))
 
 
+def _piece_buffer(piece: torch.Tensor, plan: WholeMatrixPlan, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor shaped like ``piece`` with ``plan.dim`` at ``plan.piece_rows``."""
+    return piece.new_empty([*piece.shape[: plan.dim], plan.piece_rows, *piece.shape[plan.dim + 1 :]], dtype=dtype)
+
+
 def _padded(piece: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
-    """piece with dim zero-padded to ``rows`` (collectives move pieces of one size)."""
+    """piece with dim zero-padded to ``rows``."""
     missing = rows - piece.shape[dim]
     if missing == 0:
         return piece.contiguous()
@@ -149,14 +175,13 @@ def gather_to_owners(pieces: list[torch.Tensor], owners: list[int], plan: WholeM
     """Each rank's piece of matrix i -> the whole matrix i on rank owners[i] (group ranks).
     Returns {i: whole} for the matrices this rank owns."""
     n = plan.shape[plan.dim]
-    rows = -(-n // plan.size)
     received: dict[int, list[torch.Tensor]] = {}
     works = []
     for i, (piece, owner) in enumerate(zip(pieces, owners)):
         buffers = None
         if owner == plan.rank:
-            buffers = received[i] = [piece.new_empty([*piece.shape[: plan.dim], rows, *piece.shape[plan.dim + 1 :]]) for _ in range(plan.size)]
-        works.append(dist.gather(_padded(piece, plan.dim, rows), buffers, group=plan.group, group_dst=owner, async_op=True))
+            buffers = received[i] = [_piece_buffer(piece, plan) for _ in range(plan.size)]
+        works.append(dist.gather(_padded(piece, plan.dim, plan.piece_rows), buffers, group=plan.group, group_dst=owner, async_op=True))
     for work in works:
         work.wait()
     return {
@@ -170,14 +195,12 @@ def scatter_from_owners(
 ) -> list[torch.Tensor]:
     """The inverse of gather_to_owners: the owner of matrix i sends each rank its piece of
     ``wholes[i]`` (of ``dtype``); returns this rank's pieces (shaped as ``pieces``)."""
-    n = plan.shape[plan.dim]
-    rows = -(-n // plan.size)
     outputs, works = [], []
     for i, (piece, owner) in enumerate(zip(pieces, owners)):
-        out = piece.new_empty([*piece.shape[: plan.dim], rows, *piece.shape[plan.dim + 1 :]], dtype=dtype)
+        out = _piece_buffer(piece, plan, dtype)
         chunks = None
         if owner == plan.rank:
-            chunks = [_padded(c, plan.dim, rows) for c in wholes[i].split(rows, dim=plan.dim)]
+            chunks = [_padded(c, plan.dim, plan.piece_rows) for c in wholes[i].split(plan.piece_rows, dim=plan.dim)]
             chunks += [out.new_zeros(out.shape) for _ in range(plan.size - len(chunks))]
         works.append(dist.scatter(out, chunks, group=plan.group, group_src=owner, async_op=True))
         outputs.append(out.narrow(plan.dim, 0, piece.shape[plan.dim]))
@@ -320,11 +343,6 @@ class Muon(torch.optim.Optimizer):
         ]  # fmt: skip
         update = orthogonal[0] if len(orthogonal) == 1 else torch.cat(orthogonal, dim=-2)
         return list(update.reshape(stacked.shape[0], *shape).unbind())
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype of Newton-Schulz's result for an input like t."""
-    return torch.float64 if t.dtype == torch.float64 else torch.bfloat16
 
 
 class MuonWithAdamW(Muon):

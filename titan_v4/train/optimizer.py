@@ -34,7 +34,7 @@ from titan_v4.model.compressor import Compressor
 from titan_v4.model.mhc import HyperConnection
 from titan_v4.model.moe import V4MoE, moe_layers
 from titan_v4.train.indexer_phase import backbone_frozen
-from titan_v4.train.muon import MuonWithAdamW, whole_matrix_plan
+from titan_v4.train.muon import MuonWithAdamW, hybrid_ns_coefficients, whole_matrix_plan
 
 
 @torch.no_grad()
@@ -141,7 +141,7 @@ def muon_settings(optimizer_config: OptimizerConfig, v4: V4) -> dict:
     return dict(
         lr=optimizer_config.lr, weight_decay=optimizer_config.weight_decay, momentum=v4.muon_momentum,
         nesterov=v4.muon_nesterov, update_rms=v4.muon_update_rms,
-        ns_coefficients=((3.4445, -4.7750, 2.0315),) * v4.muon_ns_steps + ((2.0, -1.5, 0.5),) * v4.muon_ns_cleanup_steps,
+        ns_coefficients=hybrid_ns_coefficients(v4.muon_ns_steps, v4.muon_ns_cleanup_steps),
     )  # fmt: skip
 
 
