@@ -82,7 +82,8 @@ class ExpertParallel(ParallelStyle):
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
-    """Expert parallelism for the routed experts of every layer in `model.layers` (the MTP blocks
-    keep all their experts on every rank, as with torchtitan's apply_moe_ep_tp)."""
-    for block in model.layers.values():
+    """Expert parallelism for the routed experts of every block in `model.layers` and `model.mtp`
+    (an MTP block has a layer's MoE: with all its experts on every rank it would hold a layer's
+    worth of experts unsharded, 6.4 B parameters for Flash)."""
+    for block in [*model.layers.values(), *(model.mtp.values() if model.mtp is not None else ())]:
         parallelize_module(block.moe.experts, ep_mesh, ExpertParallel())

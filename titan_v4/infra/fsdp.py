@@ -15,6 +15,11 @@ is a graph break. This version differs in one rule:
 * otherwise (multi-node EP, HSDP with EP) the experts get torchtitan's FSDP unit on that mesh and
   the block compiles with graph breaks around it (`experts_break_the_graph`).
 
+The MTP blocks are units of their own like the layers (their experts as the layers' are), with one
+difference: they stay unsharded from their forward to their backward, because the model applies an
+MTP block's norm and HyperHead after the block's forward returns (model.py). The root unit keeps
+the rest (the model's HyperHead).
+
 Everything else is torchtitan's: units per embedding, block, [norm, output] and root; reshard
 policy; no gradient division (the loss is token-normalised); explicit prefetching under EP.
 """
@@ -68,11 +73,12 @@ def apply_fsdp(
     expert_units = experts_break_the_graph(experts_dp_mesh)
     local_experts = experts_dp_mesh is not None and not expert_units
     blocks = list(model.layers.values())
+    mtp_blocks = list(model.mtp.values()) if model.mtp is not None else []
 
     if model.tok_embeddings is not None:
         fully_shard(model.tok_embeddings, **config, reshard_after_forward=reshard)
     all_expert_params: set[nn.Parameter] = set()
-    for block in blocks:
+    for block in blocks + mtp_blocks:
         ignored = set(block.moe.experts.parameters()) if local_experts else set()
         all_expert_params |= ignored
         if expert_units:
@@ -80,7 +86,8 @@ def apply_fsdp(
             # torchtitan's rule: shard on the hidden dim when there are fewer experts than ranks.
             placement = (lambda param: Shard(1)) if experts_dp_mesh.size() * experts.w1.device_mesh.size() > experts.num_experts else None
             fully_shard(experts, **{**config, "mesh": experts_dp_mesh}, reshard_after_forward=reshard, shard_placement_fn=placement)
-        fully_shard(block, **config, reshard_after_forward=reshard, ignored_params=ignored or None)
+        keep = block in mtp_blocks  # its norm and HyperHead run after its forward (model.py)
+        fully_shard(block, **config, reshard_after_forward=reshard and not keep, ignored_params=ignored or None)
     if model.norm is not None and model.output is not None:
         # Not resharded after forward by default: the backward needs them first.
         fully_shard([model.norm, model.output], **config, reshard_after_forward=reshard_after_forward_policy == "always")

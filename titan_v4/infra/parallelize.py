@@ -87,8 +87,6 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
         apply_block_compile(model, job_config, fullgraph=not experts_break_the_graph(experts_dp_mesh))
 
     if parallel_dims.fsdp_enabled or parallel_dims.ep_enabled:
-        # The MTP blocks and the HyperHead stay in the root FSDP group (sharded, gathered at the end
-        # of the forward).
         apply_fsdp(
             model,
             parallel_dims.get_mesh(dp_names),
