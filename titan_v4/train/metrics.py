@@ -10,8 +10,9 @@ metrics to TensorBoard / W&B and prints::
 plus ``memory``, ``tflops`` and ``mfu`` on GPUs. The ETA is the remaining steps times the mean
 step time since the first logged step (which includes start-up and compilation, so it is left
 out). Global rank 0 also appends every logged step to ``<dump_folder>/logs/metrics.jsonl`` at full
-float precision (``{"step", "loss", "max_loss", "grad_norm", "lr", "tps", "time"}``), for scripts
-and for exact comparisons of runs.
+float precision (``{"step", "loss", "max_loss", "grad_norm", "lr", "tps", "time"}``, and on GPUs
+``max_active_gib`` / ``max_reserved_gib``: the peak allocated and reserved memory so far), for
+scripts and for exact comparisons of runs.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class V4MetricsProcessor(MetricsProcessor):
             line += f"{c.cyan}tflops: {tflops:,.2f}  {c.magenta}mfu: {mfu:.2f}%  "
         line += f"{c.yellow}eta: {self._eta(now, step, total)}{c.reset}"
         logger.info(line)
-        self._append_jsonl(step, global_avg_loss, global_max_loss, grad_norm, tps, extra_metrics)
+        memory = {"max_active_gib": mem.max_active_gib, "max_reserved_gib": mem.max_reserved_gib} if self._device_metrics else {}
+        self._append_jsonl(step, global_avg_loss, global_max_loss, grad_norm, tps, extra_metrics, memory)
 
         self.ntokens_since_last_log = 0
         self.data_loading_times.clear()
@@ -109,7 +111,7 @@ class V4MetricsProcessor(MetricsProcessor):
         seconds = (now - t0) / max(step - s0, 1) * max(total - step, 0)
         return str(datetime.timedelta(seconds=round(seconds)))
 
-    def _append_jsonl(self, step, loss, max_loss, grad_norm, tps, extra_metrics) -> None:
+    def _append_jsonl(self, step, loss, max_loss, grad_norm, tps, extra_metrics, memory=None) -> None:
         if self._jsonl_path is None:
             return
         record = {
@@ -120,6 +122,7 @@ class V4MetricsProcessor(MetricsProcessor):
             "lr": float((extra_metrics or {}).get("lr", float("nan"))),
             "tps": float(tps),
             "time": time.time(),
+            **(memory or {}),
         }
         os.makedirs(os.path.dirname(self._jsonl_path), exist_ok=True)
         with open(self._jsonl_path, "a", encoding="utf-8") as f:
