@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 
 import torch
 from torchtitan.config import Optimizer as OptimizerConfig
@@ -34,7 +33,7 @@ import titan_v4  # noqa: F401  (installs the CPU shim where there is no CUDA)
 from titan_v4.config import V4
 from titan_v4.flavors import deepseek_v4_args
 from titan_v4.model.model import DeepSeekV4Model
-from titan_v4.train.muon import Muon, MuonWithAdamW
+from titan_v4.train.muon import Muon, MuonWithAdamW, newton_schulz_flops
 from titan_v4.train.optimizer import muon_param_groups, muon_row_blocks, muon_settings
 
 from benchmarks.timing import measure
@@ -42,16 +41,6 @@ from benchmarks.timing import measure
 PEAK_FLOPS = 989e12  # H100 SXM bf16 dense (datasheet)
 MEASURED_PEAK_FLOPS = 790e12  # a large bf16 GEMM on the H100 (docs/perf)
 ADAMW_BYTES_PER_PARAM = 28
-
-
-def newton_schulz_flops(shape: torch.Size, row_blocks: tuple[int, ...] | None, steps: int) -> int:
-    """FLOPs of orthogonalising a parameter of ``shape`` ([..., n, m]) with ``steps`` steps."""
-    batch = math.prod(shape[:-2])
-    flops = 0
-    for rows in row_blocks or (shape[-2],):
-        n, m = sorted((rows, shape[-1]))
-        flops += steps * (4 * n * n * m + 2 * n**3)
-    return batch * flops
 
 
 def main() -> None:

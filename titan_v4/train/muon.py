@@ -47,6 +47,16 @@ def hybrid_ns_coefficients(fast_steps: int, cleanup_steps: int) -> tuple[tuple[f
 DEFAULT_NS_COEFFICIENTS = hybrid_ns_coefficients(8, 2)
 
 
+def newton_schulz_flops(shape: torch.Size, row_blocks: tuple[int, ...] | None, steps: int) -> int:
+    """FLOPs of orthogonalising a parameter of ``shape`` ([..., n, m]) with ``steps`` steps."""
+    batch = math.prod(shape[:-2])
+    flops = 0
+    for rows in row_blocks or (shape[-2],):
+        n, m = sorted((rows, shape[-1]))
+        flops += steps * (4 * n * n * m + 2 * n**3)
+    return batch * flops
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype of Newton-Schulz's matmuls and result for an input like t."""
     return torch.float64 if t.dtype == torch.float64 else torch.bfloat16
