@@ -35,11 +35,11 @@ from torch import nn
 from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 
 from titan_v4.model.flops import count_params_and_flops
-from titan_v4.train.muon import MAX_BATCH_ELEMENTS, MuonWithAdamW, newton_schulz_flops, whole_matrix_plan
+from titan_v4.train.muon import MAX_BATCH_ELEMENTS, MuonWithAdamW, local_shard, newton_schulz_flops, whole_matrix_plan
 
 from . import activations, roofline, traffic
 from .cluster import RankBuild, build_rank, fake_process_group
-from .state import FSDPUnit, fsdp_units, local, local_bytes, state_bytes
+from .state import FSDPUnit, fsdp_units, local_bytes, state_bytes
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -51,6 +51,7 @@ class RankPlan:
     rank: int
     pipeline_stage: int | None
     layers: list[int]
+    passes: int  # forward-backward passes per optimizer step
     parameters: int
     gradients: int
     optimizer: int
@@ -139,6 +140,20 @@ class _Memory:
         return self.activations + self.comm_buffers + self.autocast_copies + self.gradients
 
 
+def _fsdp_applied(build: RankBuild) -> bool:
+    """Whether parallelize_deepseek_v4 applied FSDP2 (mixed precision in the units); without it a
+    single device or a pipeline stage trains under autocast."""
+    return build.parallel_dims.fsdp_enabled or build.parallel_dims.ep_enabled
+
+
+def _cast_weights(build: RankBuild, skip_compiled_blocks: bool) -> int:
+    """Elements of the weights autocast casts per use (matrices but the embedding); with
+    `skip_compiled_blocks`, only those outside the blocks and MTP blocks."""
+    return sum(local_shard(p).numel() for part in build.model_parts for name, p in part.named_parameters()
+               if p.dim() >= 2 and "tok_embeddings" not in name
+               and not (skip_compiled_blocks and (_layer_of(name) is not None or name.startswith("mtp."))))  # fmt: skip
+
+
 def _rank_experts(build: RankBuild, job_config: JobConfig) -> activations.Experts:
     """The routed experts as the rank holds them in the forward: under EP its n_routed / EP of them;
     with one rank per expert shard they are outside FSDP (fsdp.py) and keep the training dtype (the
@@ -175,18 +190,16 @@ def _walk_step(build: RankBuild, job_config: JobConfig, model: nn.Module, units:
             cache["tail"] = activations.simulate_tail(model, job_config, micro_batch, seq_len, dtype, experts)
         tail = cache["tail"]
 
-    fsdp = build.parallel_dims.fsdp_enabled or build.parallel_dims.ep_enabled
+    fsdp = _fsdp_applied(build)
     blocks = [u for u in units if u.kind in ("block", "experts")]
-    kept_units = sum(u.unsharded_bytes for u in units if u.kind in ("head", "root", "mtp"))
+    kept_units = sum(u.unsharded_bytes for u in units if u.kept_after_forward)
     fwd_buffers = (kept_units + 2 * max((u.unsharded_bytes for u in blocks), default=0)) if fsdp else 0
     bwd_buffers = (fwd_buffers + max((u.reduce_bytes for u in blocks), default=0)) if fsdp else 0
     casts = 0
     if not fsdp and dtype != torch.float32:
         # Compiled blocks recompute their casts from the fp32 parameters in the backward graph (the
         # partitioner's choice): only the eager modules' copies stay.
-        casts = sum(local(p).numel() * dtype.itemsize for part in build.model_parts for n, p in part.named_parameters()
-                    if p.dim() >= 2 and "tok_embeddings" not in n
-                    and not (compiled and _layer_of(n) is not None or compiled and n.startswith("mtp.")))  # fmt: skip
+        casts = _cast_weights(build, skip_compiled_blocks=compiled) * dtype.itemsize
     grads_by_layer, other_grads = _grad_bytes_by_layer(build.model_parts)
     all_grads = sum(grads_by_layer.values()) + other_grads if passes > 1 else 0
 
@@ -225,7 +238,7 @@ def _optimizer_seconds(build: RankBuild, hw: roofline.Hardware) -> tuple[float, 
             adamw = not muon or group.get("algorithm", "muon") == "adamw"
             for p in group["params"]:
                 if adamw:
-                    seconds += local(p).numel() * roofline.ADAMW_BYTES_PER_PARAM / hw.hbm_bytes_per_s
+                    seconds += local_shard(p).numel() * roofline.ADAMW_BYTES_PER_PARAM / hw.hbm_bytes_per_s
                     continue
                 plan = whole_matrix_plan(p)
                 steps = len(optimizer.defaults["ns_coefficients"])
@@ -255,11 +268,16 @@ class _Batching:
     stage: int | None
 
 
+def _global_batch(job_config: JobConfig, dp: int) -> int:
+    """Sequences per optimizer step (torchtitan's rule: local batch x data-parallel ranks when unset)."""
+    training = job_config.training
+    return training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size * dp
+
+
 def _batching(build: RankBuild, job_config: JobConfig) -> _Batching:
     pd, training = build.parallel_dims, job_config.training
     dp = pd.dp_replicate * pd.dp_shard
-    global_batch = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size * dp
-    accumulation = global_batch // (training.local_batch_size * dp)
+    accumulation = _global_batch(job_config, dp) // (training.local_batch_size * dp)
     if not pd.pp_enabled:
         return _Batching(training.local_batch_size, accumulation, 1, None)
     micro_batch = job_config.parallelism.pipeline_parallel_microbatch_size
@@ -305,13 +323,10 @@ def _compute_seconds(build: RankBuild, job_config: JobConfig, tokens: int, passe
     ac = job_config.activation_checkpoint
     recompute = roofline.recompute_factor(ac.mode, ac.selective_ac_option)
     seconds = roofline.compute_seconds(flops_per_token * tokens, head_per_token * tokens, mode, recompute, hw)
-    pd = build.parallel_dims
-    if not (pd.fsdp_enabled or pd.ep_enabled) and activations.compute_dtype(job_config) != torch.float32:
+    if not _fsdp_applied(build) and activations.compute_dtype(job_config) != torch.float32:
         # autocast: every pass casts the weights (once more in the recomputed forward of full AC)
-        cast_params = sum(local(p).numel() for part in build.model_parts for n, p in part.named_parameters()
-                          if p.dim() >= 2 and "tok_embeddings" not in n)  # fmt: skip
         uses = 2 if ac.mode == "full" else 1
-        seconds += roofline.cast_seconds(cast_params, uses, hw) * passes
+        seconds += roofline.cast_seconds(_cast_weights(build, skip_compiled_blocks=False), uses, hw) * passes
     return seconds, flops_per_token * tokens
 
 
@@ -336,6 +351,7 @@ def _plan_built_rank(build: RankBuild, job_config: JobConfig, hw: roofline.Hardw
     exposed = sum(seconds(c) for c in collectives if not c.overlapped) + max(0.0, overlapped - compute_s)
     return RankPlan(
         rank=build.rank, pipeline_stage=batching.stage, layers=[int(i) for part in build.model_parts for i in part.layers],
+        passes=batching.passes,
         parameters=state.parameters, gradients=state.gradients, optimizer=state.optimizer,
         activations=memory.activations, comm_buffers=memory.comm_buffers, autocast_copies=memory.autocast_copies,
         peak_bytes=state.parameters + state.optimizer + memory.total, peak_moment=memory.moment, flops_per_step=flops,
@@ -358,24 +374,19 @@ def plan_job(job_config: JobConfig, world_size: int, hw: roofline.Hardware, gpus
     p = job_config.parallelism
     pp = p.pipeline_parallel_degree
     training = job_config.training
-    dp = world_size // pp
-    global_batch = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size * dp
-    tokens = global_batch * training.seq_len
+    tokens = _global_batch(job_config, world_size // pp) * training.seq_len
     if pp > 1:
         n_micro = training.local_batch_size // p.pipeline_parallel_microbatch_size
         slowest = max(r.compute_s + r.exposed_comm_s for r in ranks)
         bubble = (n_micro + pp - 1) / n_micro
         step = slowest * bubble + max(r.optimizer_s for r in ranks)
-        micro = n_micro
     else:
         step = ranks[0].step_s
-        micro = 1
     flops = sum(r.flops_per_step for r in ranks) * (world_size // len(ranks))
     layout = {"dp_replicate": p.data_parallel_replicate_degree, "dp_shard": world_size // (pp * max(1, p.data_parallel_replicate_degree)),
               "ep": p.expert_parallel_degree, "pp": pp}  # fmt: skip
-    accumulation = global_batch // (training.local_batch_size * dp)
     return JobPlan(
-        world_size=world_size, gpus_per_node=gpus_per_node, hardware=hw, layout=layout, micro_batches=micro * accumulation,
+        world_size=world_size, gpus_per_node=gpus_per_node, hardware=hw, layout=layout, micro_batches=ranks[0].passes,
         tokens_per_step=tokens, ranks=ranks, step_s=step, tokens_per_s_per_gpu=tokens / step / world_size,
         mfu=flops / step / world_size / hw.peak_bf16_flops,
     )  # fmt: skip

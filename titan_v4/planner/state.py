@@ -16,17 +16,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
-from titan_v4.train.muon import MuonWithAdamW
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+from titan_v4.train.muon import MuonWithAdamW, local_shard
 
 
 def local_bytes(t: torch.Tensor) -> int:
-    shard = local(t)
+    shard = local_shard(t)
     return shard.numel() * shard.element_size()
 
 
@@ -45,7 +40,7 @@ def _adamw_state_bytes(p: torch.Tensor) -> int:
 
 def _muon_state_bytes(p: torch.Tensor) -> int:
     element = 8 if p.dtype == torch.float64 else 4
-    return local(p).numel() * element  # momentum_buffer
+    return local_shard(p).numel() * element  # momentum_buffer
 
 
 def optimizer_state_bytes(optimizers) -> int:
@@ -98,6 +93,12 @@ class FSDPUnit:
         if self.name.startswith("mtp."):
             return "mtp"
         return {"tok_embeddings": "embedding", "norm": "head", "output": "head"}.get(self.name, "root")
+
+    @property
+    def kept_after_forward(self) -> bool:
+        """Unsharded from its forward to its backward: the head and the root (FSDP2 keeps them),
+        an MTP block (fsdp.py); the others reshard after the forward unless the policy says never."""
+        return self.kind in ("head", "root", "mtp")
 
 
 def fsdp_units(model_parts: list[nn.Module]) -> list[FSDPUnit]:

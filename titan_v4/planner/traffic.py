@@ -15,7 +15,9 @@ import dataclasses
 
 import torch.distributed as dist
 
-from .state import FSDPUnit, local
+from titan_v4.train.muon import local_shard
+
+from .state import FSDPUnit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +50,13 @@ def _ring_share(nbytes: int, group: int) -> int:
 
 def fsdp_collectives(units: list[FSDPUnit], reshard_after_forward: bool, gpus_per_node: int) -> list[Collective]:
     """All-gathers and reduce-scatters of the FSDP2 units per micro-batch, summed per kind of unit
-    (blocks, experts, embedding, head, root). A block unit resharded after the forward is gathered
-    again for the backward; the head and the root are not (FSDP2 keeps them)."""
+    (blocks, experts, embedding, head, root, mtp). A unit resharded after the forward is gathered
+    again for the backward (not those FSDPUnit.kept_after_forward)."""
     totals: dict[tuple[str, str], list] = {}
     for unit in units:
         if unit.group_size == 1:
             continue
-        gathers = 2 if (reshard_after_forward and unit.kind in ("block", "experts", "embedding")) else 1
+        gathers = 2 if (reshard_after_forward and not unit.kept_after_forward) else 1
         cross = spans_nodes(list(unit.ranks), gpus_per_node)
         for op, calls, nbytes in (("all-gather", gathers, unit.unsharded_bytes), ("reduce-scatter", 1, unit.reduce_bytes)):
             entry = totals.setdefault((op, unit.kind), [0, 0, unit.group_size, False])
@@ -93,7 +95,7 @@ def muon_gathers(muon_params: list, plans: list, gpus_per_node: int) -> list[Col
     for p, plan in zip(muon_params, plans):
         if not plan.gathered:
             continue
-        piece = local(p)
+        piece = local_shard(p)
         sent += piece.numel() * (piece.element_size() + 2)
         if not group_ranks:
             group_ranks = dist.get_process_group_ranks(plan.group)

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfits: the largest peak is {plan.peak_bytes / GIB:.2f} GiB of {args.gpu_memory_gib:g} GiB")
         return 0
     worst = max(plan.ranks, key=lambda r: r.peak_bytes)
-    change = smallest_change(args, overrides, job_config_for(args.config_file, overrides))
+    change = smallest_change(args, overrides, job_config)
     print(f"\ntitan_v4.tools.plan: does not fit: rank {worst.rank} peaks at {worst.peak_bytes / GIB:.2f} GiB "
           f"(during {worst.peak_moment}) above --gpu-memory-gib {args.gpu_memory_gib:g}; smallest change that fits: {change}")  # fmt: skip
     return 1

@@ -101,7 +101,7 @@ def newton_schulz(
 MAX_BATCH_ELEMENTS = 2**27
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (aliasing it: in-place updates land in the DTensor), or t."""
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -312,7 +312,7 @@ class Muon(torch.optim.Optimizer):
                 else:
                     local = self._updates(group, inputs, plan.shape)
                 del inputs
-                params = [_local(p) for p in batch]
+                params = [local_shard(p) for p in batch]
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
                 torch._foreach_add_(params, local, alpha=-group["lr"])
 
@@ -326,8 +326,8 @@ class Muon(torch.optim.Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype)
-            buffers.append(_local(state["momentum_buffer"]))
-            grads.append(_local(p.grad).to(state_dtype))
+            buffers.append(local_shard(state["momentum_buffer"]))
+            grads.append(local_shard(p.grad).to(state_dtype))
         torch._foreach_mul_(buffers, group["momentum"])
         torch._foreach_add_(buffers, grads)
         stacked = torch.empty((len(batch), *buffers[0].shape), dtype=state_dtype, device=buffers[0].device)
