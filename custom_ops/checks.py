@@ -1,7 +1,11 @@
 """Argument checks shared by the ops' public functions (each error names the argument)."""
 
+from typing import Optional
+
 import torch
 from torch import Tensor
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def check_tensor(name: str, value) -> None:
@@ -37,3 +41,15 @@ def check_sink(sink, heads: int, q: Tensor) -> None:
     if sink.dtype not in sink_dtypes:
         raise TypeError(f"sink must be float32 (or float64 when q is float64), got {sink.dtype} with q {q.dtype}")
     check_device("sink", sink, q.device)
+
+
+def check_doc_ids(doc_ids: Optional[Tensor], q: Tensor) -> None:
+    """``doc_ids`` is None or an integer ``[B, S]`` tensor on q's device (q is ``[B, S, ...]``)."""
+    if doc_ids is None:
+        return
+    check_tensor("doc_ids", doc_ids)
+    if tuple(doc_ids.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"doc_ids must be [B, S] = {tuple(q.shape[:2])}, got shape {tuple(doc_ids.shape)}")
+    if doc_ids.dtype not in _INT_DTYPES:
+        raise TypeError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
+    check_device("doc_ids", doc_ids, q.device)

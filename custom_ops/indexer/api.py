@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..checks import check_device, check_int, check_same, check_sink, check_tensor
+from ..checks import check_device, check_doc_ids, check_int, check_same, check_sink, check_tensor
 from ..schema import contiguous
 from . import ops
 from .contract import ScoresInputs, TeacherInputs, TeacherOutputs, TopkInputs, compute_dtype
@@ -18,7 +18,9 @@ from .contract import ScoresInputs, TeacherInputs, TeacherOutputs, TopkInputs, c
 _FLOAT_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 
 
-def indexer_scores(q: Tensor, weights: Tensor, keys: Tensor, indices: Optional[Tensor] = None, *, ratio: int) -> Tensor:
+def indexer_scores(
+    q: Tensor, weights: Tensor, keys: Tensor, indices: Optional[Tensor] = None, *, ratio: int, doc_ids: Optional[Tensor] = None
+) -> Tensor:
     """Lightning-indexer scores ``I[t, s] = sum_h weights[t, h] * relu(q[t, h] . keys[s])``, differentiable.
 
     Args:
@@ -28,6 +30,8 @@ def indexer_scores(q: Tensor, weights: Tensor, keys: Tensor, indices: Optional[T
         keys: ``[B, P, D]`` the indexer's compressed keys, q's dtype.
         indices: ``[B, S, K]`` int32 entries to score per query, or None for every entry ``0 .. P-1``.
         ratio: tokens per entry; entry s is visible to query t iff ``s < (t + 1) // ratio``.
+        doc_ids: ``[B, S]`` integer document labels of packed sequences (custom_ops/documents.py), or
+            None; with them entry s is visible to t only if also ``s * ratio >= doc_start(t)``.
 
     Returns:
         ``[B, S, K]`` (or ``[B, S, P]``) in the compute dtype; -inf where the entry is not visible or the
@@ -36,10 +40,11 @@ def indexer_scores(q: Tensor, weights: Tensor, keys: Tensor, indices: Optional[T
     _check_indexer_inputs(q, weights, keys)
     _check_indices(indices, q)
     check_int("ratio", ratio)
-    return ops.indexer_scores_op(*contiguous(ScoresInputs(q, weights, keys, indices, ratio)))
+    check_doc_ids(doc_ids, q)
+    return ops.indexer_scores_op(*contiguous(ScoresInputs(q, weights, keys, indices, ratio, doc_ids)))
 
 
-def indexer_topk(q: Tensor, weights: Tensor, keys: Tensor, *, k: int, ratio: int) -> Tensor:
+def indexer_topk(q: Tensor, weights: Tensor, keys: Tensor, *, k: int, ratio: int, doc_ids: Optional[Tensor] = None) -> Tensor:
     """The k visible entries of highest indexer score per query (scoring fused with the selection).
 
     Arguments as :func:`indexer_scores`. Returns ``[B, S, k]`` int32 entry ids sorted by descending
@@ -48,11 +53,20 @@ def indexer_topk(q: Tensor, weights: Tensor, keys: Tensor, *, k: int, ratio: int
     _check_indexer_inputs(q, weights, keys)
     check_int("k", k)
     check_int("ratio", ratio)
-    return ops.indexer_topk_op(*contiguous(TopkInputs(q.detach(), weights.detach(), keys.detach(), k, ratio)))
+    check_doc_ids(doc_ids, q)
+    return ops.indexer_topk_op(*contiguous(TopkInputs(q.detach(), weights.detach(), keys.detach(), k, ratio, doc_ids)))
 
 
 def indexer_teacher(
-    q: Tensor, pool: Tensor, lse: Tensor, sink: Tensor, indices: Optional[Tensor] = None, *, scale: float, ratio: int
+    q: Tensor,
+    pool: Tensor,
+    lse: Tensor,
+    sink: Tensor,
+    indices: Optional[Tensor] = None,
+    *,
+    scale: float,
+    ratio: int,
+    doc_ids: Optional[Tensor] = None,
 ) -> TeacherOutputs:
     """The indexer's KL target: the main attention's head-summed probability mass per compressed entry.
 
@@ -62,7 +76,7 @@ def indexer_teacher(
         lse: ``[B, S, H]`` the attention op's lse (without the sink), in the compute dtype.
         sink: ``[H]`` the attention's sink logits, fp32 (fp64 allowed with fp64 q).
         indices: ``[B, S, K]`` int32 entries, or None for every entry ``0 .. P-1``.
-        scale: the attention's logit scale; ratio: as :func:`indexer_scores`.
+        scale: the attention's logit scale; ratio, doc_ids: as :func:`indexer_scores`.
 
     Returns:
         ``log_mass [B, S, K or P]``: ``log sum_h p[h, t, s]`` with ``p = exp(scale * q . pool[s] - L)`` and
@@ -84,7 +98,8 @@ def indexer_teacher(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python float, got {scale!r}")
     check_int("ratio", ratio)
-    inputs = TeacherInputs(q.detach(), pool.detach(), lse.detach(), sink.detach(), indices, float(scale), ratio)
+    check_doc_ids(doc_ids, q)
+    inputs = TeacherInputs(q.detach(), pool.detach(), lse.detach(), sink.detach(), indices, float(scale), ratio, doc_ids)
     return TeacherOutputs(*ops.indexer_teacher_op(*contiguous(inputs)))
 
 
@@ -125,4 +140,5 @@ def _check_indices(indices: Optional[Tensor], q: Tensor) -> None:
     if indices.dtype != torch.int32:
         raise TypeError(f"indices must be int32, got {indices.dtype}")
     check_device("indices", indices, q.device)
+
 

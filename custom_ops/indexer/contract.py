@@ -10,8 +10,10 @@ Three ops serve the lightning indexer of a CSA layer (docs/design.md, "Op contra
   on the same entries, computed from the attention queries, the pool and the attention op's lse.
 
 Visibility (the CSA rule of the sparse-attention op): entry s is visible to query t iff
-``s < (t + 1) // ratio`` (all of its source tokens are at or before t). A listed index that is negative
-(-1 = padding), ``>= P`` or not visible is ignored: its score / mass is -inf.
+``s < (t + 1) // ratio`` (all of its source tokens are at or before t) and, with ``doc_ids`` (packed
+documents, custom_ops/documents.py), ``s * ratio >= doc_start(t)`` (all of them in t's document). A
+listed index that is negative (-1 = padding), ``>= P`` or not visible is ignored: its score / mass is
+-inf.
 
 Every layer of an op (public function in api.py, registration in ops.py, the reference, the Triton
 launchers) passes the inputs around as one NamedTuple below, and the torch.library schemas are derived
@@ -32,6 +34,7 @@ class ScoresInputs(NamedTuple):
     keys: Tensor  # [B, P, D] the indexer's compressed keys, q's dtype
     indices: Optional[Tensor]  # [B, S, K] int32 listed entries, or None = every entry 0..P-1
     ratio: int
+    doc_ids: Optional[Tensor] = None  # [B, S] integer document labels, or None = one document
 
 
 class TopkInputs(NamedTuple):
@@ -42,6 +45,7 @@ class TopkInputs(NamedTuple):
     keys: Tensor
     k: int  # entries to keep per query (>= 1)
     ratio: int
+    doc_ids: Optional[Tensor] = None  # as ScoresInputs
 
 
 class TeacherInputs(NamedTuple):
@@ -54,6 +58,7 @@ class TeacherInputs(NamedTuple):
     indices: Optional[Tensor]  # [B, S, K] int32, or None = every entry 0..P-1
     scale: float  # the attention's logit scale
     ratio: int
+    doc_ids: Optional[Tensor] = None  # as ScoresInputs
 
 
 class ScoresGrads(NamedTuple):

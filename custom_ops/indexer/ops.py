@@ -37,7 +37,8 @@ indexer_scores_op = dispatch.op(
 
 @indexer_scores_op.register_fake
 def _indexer_scores_fake(*args) -> Tensor:
-    q, _, keys, indices, _ = ScoresInputs(*args)
+    inputs = ScoresInputs(*args)
+    q, keys, indices = inputs.q, inputs.keys, inputs.indices
     return q.new_empty((*q.shape[:2], n_listed(indices, keys.shape[1])), dtype=compute_dtype(q.dtype))
 
 
@@ -104,6 +105,7 @@ indexer_teacher_op = dispatch.op(
 
 @indexer_teacher_op.register_fake
 def _indexer_teacher_fake(*args):
-    q, pool, _, _, indices, _, _ = TeacherInputs(*args)
+    inputs = TeacherInputs(*args)
+    q, pool, indices = inputs.q, inputs.pool, inputs.indices
     cdt = compute_dtype(q.dtype)
     return q.new_empty((*q.shape[:2], n_listed(indices, pool.shape[1])), dtype=cdt), q.new_empty(q.shape[:2], dtype=cdt)

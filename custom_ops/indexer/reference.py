@@ -7,8 +7,9 @@ Flash layer would otherwise build ``[S, 64, P]`` fp32 (1 GiB at S = 4096).
 
 Rules (b = batch, t = query, s = entry, h = head; see contract.py):
 
-* entry s is visible to t iff ``s < (t + 1) // ratio``; listed indices that are negative, ``>= P`` or not
-  visible are ignored (-inf score / mass, zero gradient);
+* entry s is visible to t iff ``s < (t + 1) // ratio`` and, with doc_ids, ``s >= first[t]``, the first
+  entry inside t's document (custom_ops/documents.py); listed indices that are negative, ``>= P`` or
+  not visible are ignored (-inf score / mass, zero gradient);
 * ``indexer_scores``: ``I[t, s] = sum_h weights[t, h] * relu(q[t, h] . keys[s])``;
 * ``indexer_topk``: the k visible entries of highest I per query, sorted by descending score, -1 in
   the slots beyond the number of visible entries; ties are broken arbitrarily;
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..documents import first_entries
 from .contract import ScoresGrads, ScoresInputs, TeacherInputs, TeacherOutputs, TopkInputs, compute_dtype, n_listed
 
 # 2**26 fp32 elements = 256 MiB for the largest per-chunk temporary.
@@ -45,11 +47,12 @@ def with_zero_row(table: Tensor) -> Tensor:
     return F.pad(table, (0, 0, 0, 1))
 
 
-def _listed_rows(padded: Tensor, indices: Optional[Tensor], t0: int, t1: int, ratio: int):
+def _listed_rows(padded: Tensor, indices: Optional[Tensor], first: Tensor, t0: int, t1: int, ratio: int):
     """Rows listed for queries ``[t0, t1)`` and their visibility, from ``padded = with_zero_row(table)``.
 
-    ``indices`` is the chunk's ``[B, C, K]`` slice or None. Returns ``(rows, visible, flat)``: without
-    indices ``rows`` is the table ``[B, P, D]`` (shared by the chunk), ``visible`` ``[1, C, P]`` and
+    ``indices`` is the chunk's ``[B, C, K]`` slice or None, ``first`` the chunk's ``[B, C]`` first
+    entries of the queries' documents. Returns ``(rows, visible, flat)``: without
+    indices ``rows`` is the table ``[B, P, D]`` (shared by the chunk), ``visible`` ``[B, C, P]`` and
     ``flat`` None; with indices ``rows`` is ``[B, C, K, D]`` (gathered per query; ignored slots read the
     zero row), ``visible`` ``[B, C, K]`` and ``flat`` ``[B, C, K]`` the row numbers into
     ``padded.reshape(B * (P + 1), D)``.
@@ -57,11 +60,13 @@ def _listed_rows(padded: Tensor, indices: Optional[Tensor], t0: int, t1: int, ra
     batch, n_rows, dim = padded.shape
     n_entries = n_rows - 1
     limit = n_visible(t0, t1, ratio, padded.device)  # [C]
+    first = first[:, :, None]  # [B, C, 1]
     if indices is None:
-        visible = torch.arange(n_entries, device=padded.device)[None, None, :] < limit[None, :, None]
+        entries = torch.arange(n_entries, device=padded.device)[None, None, :]
+        visible = (entries < limit[None, :, None]) & (entries >= first)
         return padded[:, :n_entries], visible, None
     idx = indices.long()  # [B, C, K]
-    visible = (idx >= 0) & (idx < n_entries) & (idx < limit[None, :, None])
+    visible = (idx >= first) & (idx < n_entries) & (idx < limit[None, :, None])
     flat = torch.where(visible, idx, n_entries) + torch.arange(batch, device=padded.device)[:, None, None] * n_rows
     return padded.reshape(batch * n_rows, dim)[flat], visible, flat
 
@@ -70,11 +75,11 @@ def _chunk(indices: Optional[Tensor], t0: int, t1: int) -> Optional[Tensor]:
     return None if indices is None else indices[:, t0:t1]
 
 
-def _scores(q: Tensor, weights: Tensor, keys: Tensor, indices: Optional[Tensor], t0: int, ratio: int) -> Tensor:
+def _scores(q: Tensor, weights: Tensor, keys: Tensor, indices: Optional[Tensor], first: Tensor, t0: int, ratio: int) -> Tensor:
     """Scores ``[B, C, n]`` (-inf where not visible) of the C queries starting at position t0; keys
-    (``with_zero_row``) and the result in the compute dtype."""
+    (``with_zero_row``) and the result in the compute dtype; ``first`` the chunk's ``[B, C]``."""
     cdt = keys.dtype
-    rows, visible, _ = _listed_rows(keys, indices, t0, t0 + q.shape[1], ratio)  # keys: with_zero_row
+    rows, visible, _ = _listed_rows(keys, indices, first, t0, t0 + q.shape[1], ratio)  # keys: with_zero_row
     relu = _dots(q.to(cdt), rows).relu()  # [B, C, H, n]
     return torch.einsum("bchn,bch->bcn", relu, weights.to(cdt)).masked_fill(~visible, float("-inf"))
 
@@ -88,16 +93,18 @@ def _dots(x: Tensor, rows: Tensor) -> Tensor:
 
 def indexer_scores_fwd(inputs: ScoresInputs, chunk: Optional[int] = None) -> Tensor:
     """Scores ``[B, S, K or P]`` in the compute dtype, -inf where not visible (see the module docstring)."""
-    q, weights, keys, indices, ratio = inputs
+    q, weights, keys, indices, ratio, doc_ids = inputs
     batch, seq_len, heads, _ = q.shape
     cdt = compute_dtype(q.dtype)
     n = n_listed(indices, keys.shape[1])
     chunk = chunk or query_chunk(batch, seq_len, heads, n)
     keys_c = with_zero_row(keys.to(cdt))
+    first = first_entries(doc_ids, batch, seq_len, ratio, q.device)
     out = torch.empty(batch, seq_len, n, dtype=cdt, device=q.device)
     for t0 in range(0, seq_len, chunk):
         t1 = min(seq_len, t0 + chunk)
-        out[:, t0:t1] = _scores(q[:, t0:t1], weights[:, t0:t1], keys_c, _chunk(indices, t0, t1), t0, ratio)
+        chunk_first = first[:, t0:t1]
+        out[:, t0:t1] = _scores(q[:, t0:t1], weights[:, t0:t1], keys_c, _chunk(indices, t0, t1), chunk_first, t0, ratio)
     return out
 
 
@@ -107,18 +114,19 @@ def indexer_scores_bwd(inputs: ScoresInputs, grad: Tensor, chunk: Optional[int] 
     With ``x = q[t, h] . keys[s]`` and ``g = grad[t, s]``: ``dweights[t, h] = sum_s g * relu(x)``,
     ``dq[t, h] = sum_s g * w[t, h] * 1[x > 0] * keys[s]``, ``dkeys[s] = sum_{t, h} g * w[t, h] * 1[x > 0] * q[t, h]``.
     """
-    q, weights, keys, indices, ratio = inputs
+    q, weights, keys, indices, ratio, doc_ids = inputs
     batch, seq_len, heads, dim = q.shape
     cdt = compute_dtype(q.dtype)
     n = n_listed(indices, keys.shape[1])
     chunk = chunk or query_chunk(batch, seq_len, heads, n)
     keys_c = with_zero_row(keys.to(cdt))
+    first = first_entries(doc_ids, batch, seq_len, ratio, q.device)
     dq = torch.empty_like(q)
     dweights = torch.empty_like(weights)
     dkeys = torch.zeros_like(keys_c)  # [B, P + 1, D]: ignored slots add 0 to the zero row
     for t0 in range(0, seq_len, chunk):
         t1 = min(seq_len, t0 + chunk)
-        rows, visible, flat = _listed_rows(keys_c, _chunk(indices, t0, t1), t0, t1, ratio)
+        rows, visible, flat = _listed_rows(keys_c, _chunk(indices, t0, t1), first[:, t0:t1], t0, t1, ratio)
         qc, wc = q[:, t0:t1].to(cdt), weights[:, t0:t1].to(cdt)
         g = grad[:, t0:t1].to(cdt).masked_fill(~visible, 0.0)  # [B, C, n]
         x = _dots(qc, rows)  # [B, C, H, n]
@@ -149,20 +157,22 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
 
 def indexer_topk(inputs: TopkInputs, chunk: Optional[int] = None) -> Tensor:
     """Top-k entry ids ``[B, S, k]`` int32 (see the module docstring); scores one query chunk at a time."""
-    q, weights, keys, k, ratio = inputs
+    q, weights, keys, k, ratio, doc_ids = inputs
     batch, seq_len, heads, _ = q.shape
     chunk = chunk or query_chunk(batch, seq_len, heads, keys.shape[1])
     keys_c = with_zero_row(keys.to(compute_dtype(q.dtype)))
+    first = first_entries(doc_ids, batch, seq_len, ratio, q.device)
     picks = []
     for t0 in range(0, seq_len, chunk):
         t1 = min(seq_len, t0 + chunk)
-        picks.append(select_topk(_scores(q[:, t0:t1], weights[:, t0:t1], keys_c, None, t0, ratio), k))
+        scores = _scores(q[:, t0:t1], weights[:, t0:t1], keys_c, None, first[:, t0:t1], t0, ratio)
+        picks.append(select_topk(scores, k))
     return torch.cat(picks, dim=1)
 
 
 def indexer_teacher(inputs: TeacherInputs, chunk: Optional[int] = None) -> TeacherOutputs:
     """``log_mass [B, S, K or P]`` and ``log_visible [B, S]`` in the compute dtype (module docstring)."""
-    q, pool, lse, sink, indices, scale, ratio = inputs
+    q, pool, lse, sink, indices, scale, ratio, doc_ids = inputs
     batch, seq_len, heads, _ = q.shape
     n_entries = pool.shape[1]
     cdt = compute_dtype(q.dtype)
@@ -170,6 +180,7 @@ def indexer_teacher(inputs: TeacherInputs, chunk: Optional[int] = None) -> Teach
     chunk = chunk or query_chunk(batch, seq_len, heads, max(n, n_entries))
     pool_c = with_zero_row(pool.to(cdt))
     denom = torch.logaddexp(lse.to(cdt), sink.to(cdt))  # [B, S, H]
+    first = first_entries(doc_ids, batch, seq_len, ratio, q.device)
     log_mass = torch.empty(batch, seq_len, n, dtype=cdt, device=q.device)
     log_visible = torch.empty(batch, seq_len, dtype=cdt, device=q.device)
     for t0 in range(0, seq_len, chunk):
@@ -180,7 +191,12 @@ def indexer_teacher(inputs: TeacherInputs, chunk: Optional[int] = None) -> Teach
             logp = scale * _dots(qc, rows) - denom_c  # [B, C, H, n]
             return torch.logsumexp(logp, dim=2).masked_fill(~visible, float("-inf"))
 
-        every = mass(*_listed_rows(pool_c, None, t0, t1, ratio)[:2])  # [B, C, P]
+        chunk_first = first[:, t0:t1]
+        every = mass(*_listed_rows(pool_c, None, chunk_first, t0, t1, ratio)[:2])  # [B, C, P]
         log_visible[:, t0:t1] = torch.logsumexp(every, dim=-1)
-        log_mass[:, t0:t1] = every if indices is None else mass(*_listed_rows(pool_c, _chunk(indices, t0, t1), t0, t1, ratio)[:2])
+        if indices is None:
+            log_mass[:, t0:t1] = every
+        else:
+            listed = _listed_rows(pool_c, _chunk(indices, t0, t1), chunk_first, t0, t1, ratio)
+            log_mass[:, t0:t1] = mass(*listed[:2])
     return TeacherOutputs(log_mass, log_visible)

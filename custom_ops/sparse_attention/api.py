@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_device as _check_device
+from ..checks import check_doc_ids
 from ..checks import check_int as _check_int
 from ..checks import check_same as _check_same
 from ..checks import check_sink as _check_sink
@@ -16,7 +17,6 @@ from . import ops
 from .contract import Inputs
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def sparse_attention(
@@ -104,13 +104,7 @@ def sparse_attention(
             raise TypeError(f"topk must be int32, got {topk.dtype}")
         _check_device("topk", topk, device)
 
-    if doc_ids is not None:
-        _check_tensor("doc_ids", doc_ids)
-        if tuple(doc_ids.shape) != (batch, seq_len):
-            raise ValueError(f"doc_ids must be [B, S] = {(batch, seq_len)}, got shape {tuple(doc_ids.shape)}")
-        if doc_ids.dtype not in _INT_DTYPES:
-            raise TypeError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
-        _check_device("doc_ids", doc_ids, device)
+    check_doc_ids(doc_ids, q)
 
     _check_int("window", window)
     _check_int("ratio", ratio)

@@ -41,29 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..documents import doc_starts
 from .contract import Grads, Inputs, Outputs, compute_dtype
 
 # Bound on the elements of the largest per-chunk temporary (logits are [B, C, H, n_keys], gathered
 # rows [B, C, n_keys, D]); 2**26 fp32 elements = 256 MiB. At S=4096, H=64, D=512, window=128, K=512
 # this gives chunks of ~200 queries.
 _CHUNK_ELEMENTS = 2**26
-
-
-def doc_starts(doc_ids: Optional[Tensor], seq_len: int, device: torch.device) -> Tensor:
-    """First position of the document that contains each token.
-
-    Args:
-        doc_ids: ``[B, S]`` integer or None. A document is a maximal run of equal consecutive ids.
-    Returns:
-        ``[B, S]`` int64 (``[1, S]`` zeros when doc_ids is None, broadcasting over the batch).
-    """
-    if doc_ids is None:
-        return torch.zeros(1, seq_len, dtype=torch.long, device=device)
-    pos = torch.arange(seq_len, device=device)
-    new_doc = torch.ones(doc_ids.shape, dtype=torch.bool, device=device)
-    new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    # The start of t's run is the last position <= t where a new run began.
-    return torch.where(new_doc, pos, 0).cummax(dim=1).values
 
 
 def default_query_chunk(batch: int, seq_len: int, heads: int, dim: int, n_keys: int) -> int:

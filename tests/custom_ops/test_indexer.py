@@ -12,7 +12,7 @@ import torch
 import custom_ops
 from custom_ops.indexer import reference
 from custom_ops.indexer.contract import ScoresInputs, TeacherInputs, TopkInputs
-from tests.custom_ops.test_sparse_attention import make_topk
+from tests.custom_ops.test_sparse_attention import make_doc_ids, make_topk
 from tests.helpers.graph_capture import GraphCapture, count_calls
 from tests.helpers.tolerances import assert_close
 
@@ -27,11 +27,20 @@ def listed(indices: Optional[torch.Tensor], b: int, t: int, n_entries: int) -> l
     return list(range(n_entries)) if indices is None else indices[b, t].tolist()
 
 
-def is_visible(s: int, t: int, n_entries: int, ratio: int) -> bool:
-    return 0 <= s < n_entries and s < (t + 1) // ratio
+def doc_start(doc_ids: Optional[torch.Tensor], b: int, t: int) -> int:
+    """First position of t's run of equal ids (0 without doc_ids), walking back."""
+    start = t
+    while doc_ids is not None and start > 0 and doc_ids[b, start - 1] == doc_ids[b, t]:
+        start -= 1
+    return 0 if doc_ids is None else start
 
 
-def oracle_scores(q, weights, keys, indices, ratio):
+def is_visible(s: int, t: int, n_entries: int, ratio: int, start: int = 0) -> bool:
+    """Entry s exists, is complete at t and all its source tokens are in t's document."""
+    return 0 <= s < n_entries and s < (t + 1) // ratio and s * ratio >= start
+
+
+def oracle_scores(q, weights, keys, indices, ratio, doc_ids=None):
     """fp64 ``[B, S, n]`` (differentiable), -inf where not visible."""
     batch, seq_len, heads, _ = q.shape
     n_entries = keys.shape[1]
@@ -40,7 +49,7 @@ def oracle_scores(q, weights, keys, indices, ratio):
         for t in range(seq_len):
             row = []
             for s in listed(indices, b, t, n_entries):
-                if not is_visible(s, t, n_entries, ratio):
+                if not is_visible(s, t, n_entries, ratio, doc_start(doc_ids, b, t)):
                     row.append(torch.tensor(NEG_INF, dtype=torch.float64))
                     continue
                 row.append(sum(weights[b, t, h].double() * torch.relu(q[b, t, h].double() @ keys[b, s].double()) for h in range(heads)))
@@ -49,7 +58,7 @@ def oracle_scores(q, weights, keys, indices, ratio):
     return torch.stack(rows).view(batch, seq_len, n)
 
 
-def oracle_teacher(q, pool, lse, sink, indices, scale, ratio):
+def oracle_teacher(q, pool, lse, sink, indices, scale, ratio, doc_ids=None):
     """fp64 (log_mass [B, S, n], log_visible [B, S]) with p = exp(scale q.pool - logaddexp(lse, sink))."""
     batch, seq_len, heads, _ = q.shape
     n_entries = pool.shape[1]
@@ -63,10 +72,11 @@ def oracle_teacher(q, pool, lse, sink, indices, scale, ratio):
     log_visible = torch.full((batch, seq_len), NEG_INF, dtype=torch.float64)
     for b in range(batch):
         for t in range(seq_len):
+            start = doc_start(doc_ids, b, t)
             for j, s in enumerate(listed(indices, b, t, n_entries)):
-                if is_visible(s, t, n_entries, ratio):
+                if is_visible(s, t, n_entries, ratio, start):
                     log_mass[b, t, j] = torch.log(mass(b, t, s))
-            total = sum(mass(b, t, s) for s in range(n_entries) if is_visible(s, t, n_entries, ratio))
+            total = sum(mass(b, t, s) for s in range(n_entries) if is_visible(s, t, n_entries, ratio, start))
             if torch.is_tensor(total):
                 log_visible[b, t] = torch.log(total)
     return log_mass, log_visible
@@ -87,6 +97,7 @@ class Case:
     ratio: int = 4
     K: Optional[int] = None  # None: every entry
     seed: int = 0
+    docs: bool = False  # packed documents (doc_ids)
 
 
 CASES = [
@@ -97,6 +108,9 @@ CASES = [
     pytest.param(Case(2, 12, 2, 8, P=3, K=6, seed=4), id="listed-K_gt_P"),
     pytest.param(Case(1, 20, 64, 16, P=10, ratio=2, K=4, seed=5), id="listed-H64-ratio2"),
     pytest.param(Case(1, 7, 1, 4, P=7, ratio=1, seed=6), id="dense-ratio1-H1"),
+    pytest.param(Case(2, 30, 3, 8, P=7, ratio=2, docs=True, seed=7), id="dense-docs"),
+    pytest.param(Case(2, 33, 4, 8, P=8, ratio=2, K=6, docs=True, seed=8), id="listed-docs"),
+    pytest.param(Case(1, 40, 2, 8, P=10, ratio=4, K=5, docs=True, seed=9), id="listed-docs-ratio4"),
 ]
 
 
@@ -104,6 +118,10 @@ def make_indices(case: Case, gen: torch.Generator) -> Optional[torch.Tensor]:
     """Distinct candidates per query, some >= P and many in the future, ~25% set to -1 (the
     sparse-attention tests' generator)."""
     return None if case.K is None else make_topk(case.B, case.S, case.K, case.P, gen)
+
+
+def make_case_doc_ids(case: Case) -> Optional[torch.Tensor]:
+    return make_doc_ids(case.B, case.S, torch.Generator().manual_seed(case.seed + 50)) if case.docs else None
 
 
 def make_scores_inputs(case: Case, dtype: torch.dtype) -> ScoresInputs:
@@ -119,6 +137,7 @@ def make_scores_inputs(case: Case, dtype: torch.dtype) -> ScoresInputs:
         keys=randn(case.B, case.P, case.D),
         indices=make_indices(case, gen),
         ratio=case.ratio,
+        doc_ids=make_case_doc_ids(case),
     )
 
 
@@ -130,7 +149,10 @@ def make_teacher_inputs(case: Case, dtype: torch.dtype) -> TeacherInputs:
     # lse of a softmax over more than the pool (the window): around log(#keys) + the logit scale.
     lse = 2.0 + torch.randn(case.B, case.S, case.H, generator=gen, dtype=torch.float64)
     sink = torch.randn(case.H, generator=gen, dtype=torch.float64)
-    return TeacherInputs(q.to(dtype), pool.to(dtype), lse.to(cdt), sink.to(cdt), make_indices(case, gen), case.D**-0.5, case.ratio)
+    indices = make_indices(case, gen)
+    return TeacherInputs(
+        q.to(dtype), pool.to(dtype), lse.to(cdt), sink.to(cdt), indices, case.D**-0.5, case.ratio, make_case_doc_ids(case)
+    )
 
 
 def scores_grads(inputs: ScoresInputs, run, grad: torch.Tensor):
@@ -144,7 +166,9 @@ def scores_grads(inputs: ScoresInputs, run, grad: torch.Tensor):
 
 
 def run_api(inputs: ScoresInputs):
-    return custom_ops.indexer_scores(inputs.q, inputs.weights, inputs.keys, inputs.indices, ratio=inputs.ratio)
+    return custom_ops.indexer_scores(
+        inputs.q, inputs.weights, inputs.keys, inputs.indices, ratio=inputs.ratio, doc_ids=inputs.doc_ids
+    )
 
 
 def run_oracle(inputs: ScoresInputs):
@@ -174,7 +198,7 @@ def test_scores_and_grads_match_oracle_fp64(case):
     check_scores(case, torch.float64, run_api)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5], CASES[8]])
 def test_scores_chunked_match_oracle(case):
     """Chunk boundaries of the reference (the op uses one chunk at these sizes)."""
 
@@ -188,13 +212,13 @@ class _ChunkedScores(torch.autograd.Function):
     """The reference's forward and backward with 2-query chunks, as an autograd function."""
 
     @staticmethod
-    def forward(ctx, q, weights, keys, indices, ratio):
-        ctx.inputs = ScoresInputs(q.detach(), weights.detach(), keys.detach(), indices, ratio)
+    def forward(ctx, q, weights, keys, indices, ratio, doc_ids):
+        ctx.inputs = ScoresInputs(q.detach(), weights.detach(), keys.detach(), indices, ratio, doc_ids)
         return reference.indexer_scores_fwd(ctx.inputs, chunk=2)
 
     @staticmethod
     def backward(ctx, grad):
-        return (*reference.indexer_scores_bwd(ctx.inputs, grad, chunk=2), None, None)
+        return (*reference.indexer_scores_bwd(ctx.inputs, grad, chunk=2), None, None, None)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
@@ -219,17 +243,18 @@ def test_topk_picks_the_highest_visible_scores(case):
     inputs = make_scores_inputs(case, torch.float64)
     k = case.K or 3
     with torch.no_grad():
-        picks = custom_ops.indexer_topk(inputs.q, inputs.weights, inputs.keys, k=k, ratio=case.ratio)
-        scores = oracle_scores(inputs.q, inputs.weights, inputs.keys, None, case.ratio)
+        picks = custom_ops.indexer_topk(inputs.q, inputs.weights, inputs.keys, k=k, ratio=case.ratio, doc_ids=inputs.doc_ids)
+        scores = oracle_scores(inputs.q, inputs.weights, inputs.keys, None, case.ratio, inputs.doc_ids)
     assert picks.dtype == torch.int32 and picks.shape == (case.B, case.S, k)
     for b in range(case.B):
         for t in range(case.S):
+            first = -(-doc_start(inputs.doc_ids, b, t) // case.ratio)  # the document's first entry
             n_vis = min(case.P, (t + 1) // case.ratio)
             row = picks[b, t].tolist()
-            n_valid = min(n_vis, k)
+            n_valid = min(max(0, n_vis - first), k)
             assert row[n_valid:] == [-1] * (k - n_valid), (t, row)
             valid = row[:n_valid]
-            assert len(set(valid)) == n_valid and all(0 <= s < n_vis for s in valid), (t, row)
+            assert len(set(valid)) == n_valid and all(first <= s < n_vis for s in valid), (t, row)
             # Sorted by descending score, and the best n_valid scores (compare values: relu makes ties).
             got = scores[b, t, valid]
             assert torch.all(got[:-1] >= got[1:]), (t, got)
@@ -251,7 +276,7 @@ def test_topk_chunked_equals_one_chunk():
 @pytest.mark.parametrize("case", CASES)
 def test_teacher_matches_oracle_fp64(case):
     inputs = make_teacher_inputs(case, torch.float64)
-    log_mass, log_visible = custom_ops.indexer_teacher(*inputs[:5], scale=inputs.scale, ratio=inputs.ratio)
+    log_mass, log_visible = custom_ops.indexer_teacher(*inputs[:5], scale=inputs.scale, ratio=inputs.ratio, doc_ids=inputs.doc_ids)
     ref_mass, ref_visible = oracle_teacher(*inputs)
     assert_close(log_mass, ref_mass, torch.float64, "out", "log_mass")
     assert_close(log_visible, ref_visible, torch.float64, "out", "log_visible")
@@ -267,30 +292,36 @@ def test_teacher_low_precision(dtype):
     assert_close(log_visible.exp(), ref_visible.exp(), dtype, "out", "visible mass")
 
 
-def test_teacher_is_the_attention_probability_mass():
+@pytest.mark.parametrize("docs", [False, True], ids=["one-doc", "docs"])
+def test_teacher_is_the_attention_probability_mass(docs):
     """With every visible entry attended (HCA-style call of the attention op) and its lse, exp(log_mass)
     is the attention's own probability of each entry summed over heads (sink in the denominator), and
-    exp(log_visible) the whole compressed share; checked against an explicit softmax."""
+    exp(log_visible) the whole compressed share; checked against an explicit softmax. With packed
+    documents both ops see only the query's document."""
     gen = torch.Generator().manual_seed(11)
-    batch, seq_len, heads, dim, ratio, window = 2, 13, 4, 8, 2, 3
+    batch, seq_len, heads, dim, ratio, window = 2, 23, 4, 8, 2, 3
     q = torch.randn(batch, seq_len, heads, dim, generator=gen, dtype=torch.float64)
     kv = torch.randn(batch, seq_len, dim, generator=gen, dtype=torch.float64)
     pool = torch.randn(batch, seq_len // ratio, dim, generator=gen, dtype=torch.float64)
     sink = torch.randn(heads, generator=gen, dtype=torch.float64)
+    doc_ids = make_doc_ids(batch, seq_len, gen) if docs else None
     scale = dim**-0.5
-    _, lse = custom_ops.sparse_attention(q, kv, sink, pool, window=window, scale=scale, ratio=ratio)
-    log_mass, log_visible = custom_ops.indexer_teacher(q, pool, lse, sink, scale=scale, ratio=ratio)
+    _, lse = custom_ops.sparse_attention(q, kv, sink, pool, window=window, scale=scale, ratio=ratio, doc_ids=doc_ids)
+    log_mass, log_visible = custom_ops.indexer_teacher(q, pool, lse, sink, scale=scale, ratio=ratio, doc_ids=doc_ids)
     for b in range(batch):
         for t in range(seq_len):
-            local = [kv[b, j] for j in range(max(0, t - window + 1), t + 1)]
-            n_vis = (t + 1) // ratio
-            keys = torch.stack(local + [pool[b, s] for s in range(n_vis)])  # [n, D]
+            start = doc_start(doc_ids, b, t)
+            local = [kv[b, j] for j in range(max(start, t - window + 1), t + 1)]
+            first, n_vis = -(-start // ratio), (t + 1) // ratio
+            seen = list(range(first, n_vis))
+            keys = torch.stack(local + [pool[b, s] for s in seen])  # [n, D]
             logits = torch.cat([scale * q[b, t] @ keys.T, sink[:, None]], dim=1)  # [H, n + 1]: sink column
-            probs = logits.softmax(dim=1)[:, len(local) : len(local) + n_vis]  # [H, n_vis]
+            probs = logits.softmax(dim=1)[:, len(local) : len(local) + len(seen)]  # [H, n_seen]
             expected = probs.sum(0)
-            assert torch.allclose(log_mass[b, t, :n_vis].exp(), expected, rtol=1e-12, atol=0)
-            assert torch.all(log_mass[b, t, n_vis:] == NEG_INF)
-            if n_vis:
+            assert torch.allclose(log_mass[b, t, seen].exp(), expected, rtol=1e-12, atol=0)
+            unseen = [s for s in range(pool.shape[1]) if s not in seen]
+            assert torch.all(log_mass[b, t, unseen] == NEG_INF)
+            if seen:
                 assert math.isclose(log_visible[b, t].exp().item(), expected.sum().item(), rel_tol=1e-12)
             else:
                 assert log_visible[b, t].item() == NEG_INF
@@ -393,17 +424,26 @@ BAD_SCORES = [
 ]
 
 
-@pytest.mark.parametrize("change,error,message", BAD_SCORES)
+BAD_DOC_IDS = [
+    pytest.param(dict(doc_ids=torch.zeros(2, 7, dtype=torch.int32)), ValueError, "doc_ids must be \\[B, S\\]", id="doc_ids-shape"),
+    pytest.param(dict(doc_ids=torch.zeros(2, 8)), TypeError, "doc_ids must be an integer tensor", id="doc_ids-float"),
+]
+
+@pytest.mark.parametrize("change,error,message", BAD_SCORES + BAD_DOC_IDS)
 def test_scores_validation(change, error, message):
     args = {**_valid_scores(), **change}
     with pytest.raises(error, match=message):
-        custom_ops.indexer_scores(args["q"], args["weights"], args["keys"], args["indices"], ratio=args["ratio"])
+        custom_ops.indexer_scores(
+            args["q"], args["weights"], args["keys"], args["indices"], ratio=args["ratio"], doc_ids=args["doc_ids"]
+        )
 
 
 def test_topk_validation():
     args = _valid_scores()
     with pytest.raises(ValueError, match="k must be >= 1, got 0"):
         custom_ops.indexer_topk(args["q"], args["weights"], args["keys"], k=0, ratio=4)
+    with pytest.raises(TypeError, match="doc_ids must be an integer tensor"):
+        custom_ops.indexer_topk(args["q"], args["weights"], args["keys"], k=1, ratio=4, doc_ids=torch.zeros(2, 8))
 
 
 BAD_TEACHER = [
@@ -416,8 +456,11 @@ BAD_TEACHER = [
 ]
 
 
-@pytest.mark.parametrize("change,error,message", BAD_TEACHER)
+@pytest.mark.parametrize("change,error,message", BAD_TEACHER + BAD_DOC_IDS)
 def test_teacher_validation(change, error, message):
     args = {**make_teacher_inputs(Case(2, 8, 2, 4, P=2, K=2), torch.float32)._asdict(), **change}
     with pytest.raises(error, match=message):
-        custom_ops.indexer_teacher(args["q"], args["pool"], args["lse"], args["sink"], args["indices"], scale=args["scale"], ratio=args["ratio"])
+        custom_ops.indexer_teacher(
+            args["q"], args["pool"], args["lse"], args["sink"], args["indices"],
+            scale=args["scale"], ratio=args["ratio"], doc_ids=args["doc_ids"],
+        )  # fmt: skip

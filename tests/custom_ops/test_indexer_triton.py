@@ -26,6 +26,8 @@ INTERPRET_CASES = {
     "listed-K_gt_P": Case(2, 19, 2, 16, P=4, K=6, seed=3),
     "dense-no_entry": Case(1, 3, 2, 16, P=0, seed=4),
     "teacher-H128-D72": Case(1, 21, 128, 72, P=5, K=3, seed=5),
+    "dense-docs-2blocks": Case(2, 80, 4, 12, P=80, ratio=1, docs=True, seed=6),
+    "listed-docs": Case(2, 40, 4, 16, P=20, ratio=2, K=12, docs=True, seed=7),
 }
 
 
@@ -43,7 +45,7 @@ def _interpret_cases(dtype: torch.dtype) -> list[dict]:
     for case in INTERPRET_CASES.values():
         scores = ScoresInputs(*_detach(make_scores_inputs(case, dtype)))
         cases.append(dict(op="scores", inputs=tuple(scores), grad=_grad(case)))
-        cases.append(dict(op="topk", inputs=tuple(TopkInputs(*scores[:3], 5, case.ratio)), grad=None))
+        cases.append(dict(op="topk", inputs=tuple(TopkInputs(*scores[:3], 5, case.ratio, scores.doc_ids)), grad=None))
         cases.append(dict(op="teacher", inputs=tuple(make_teacher_inputs(case, dtype)), grad=None))
     return cases
 
@@ -71,12 +73,12 @@ def interpreted(tmp_path_factory):
 
 def check_scores(dtype, inputs: ScoresInputs, grad, result) -> None:
     leaves = [x.detach().double() for x in inputs[:3]]
-    ref = reference.indexer_scores_fwd(ScoresInputs(*leaves, inputs.indices, inputs.ratio))
+    ref = reference.indexer_scores_fwd(ScoresInputs(*leaves, inputs.indices, inputs.ratio, inputs.doc_ids))
     assert result["scores"].dtype == torch.float32
     assert_close(result["scores"], ref, dtype, "out", "scores")
     if grad is None:
         return
-    ref_grads = reference.indexer_scores_bwd(ScoresInputs(*leaves, inputs.indices, inputs.ratio), grad.double())
+    ref_grads = reference.indexer_scores_bwd(ScoresInputs(*leaves, inputs.indices, inputs.ratio, inputs.doc_ids), grad.double())
     for name in ("dq", "dweights", "dkeys"):
         assert result[name].dtype == getattr(inputs, name[1:]).dtype, name
         assert_close(result[name], getattr(ref_grads, name), dtype, "grad", name)
@@ -84,7 +86,7 @@ def check_scores(dtype, inputs: ScoresInputs, grad, result) -> None:
 
 def check_topk(inputs: TopkInputs, picks: torch.Tensor) -> None:
     """The selected entries carry the k best fp64 scores (ids may differ between near-ties)."""
-    scores = reference.indexer_scores_fwd(ScoresInputs(*(x.double() for x in inputs[:3]), None, inputs.ratio))
+    scores = reference.indexer_scores_fwd(ScoresInputs(*(x.double() for x in inputs[:3]), None, inputs.ratio, inputs.doc_ids))
     expected = scores.sort(dim=-1, descending=True).values[..., : inputs.k]
     if expected.shape[-1] < inputs.k:
         pad = expected.new_full((*expected.shape[:-1], inputs.k - expected.shape[-1]), float("-inf"))
@@ -129,27 +131,39 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 SHAPES = {"flash": (64, 128, 512, 64, 512), "pro": (64, 128, 1024, 128, 512)}
 
 
+def packed_documents(seq_len: int, seed: int) -> torch.Tensor:
+    """``[1, S]`` int32 labels of documents of a few hundred to a few thousand tokens."""
+    starts = torch.rand(1, seq_len, generator=torch.Generator().manual_seed(seed)) < 1 / 600
+    starts[:, 0] = False
+    return starts.cumsum(dim=1).to(torch.int32)
+
+
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("docs", [False, True], ids=["one-doc", "docs"])
 @pytest.mark.parametrize("flavor", list(SHAPES))
-def test_cuda_ops_at_released_shapes(flavor):
-    """bf16 kernels at S = 4096 against the fp64 reference (run on the GPU too, so it takes seconds)."""
+def test_cuda_ops_at_released_shapes(flavor, docs):
+    """bf16 kernels at S = 4096 against the fp64 reference (run on the GPU too, so it takes seconds),
+    one document or packed ones."""
     heads, dim, k, attn_heads, attn_dim = SHAPES[flavor]
     seq_len, ratio = 4096, 4
+    doc_ids = packed_documents(seq_len, seed=5).cuda() if docs else None
     cuda = lambda inputs: type(inputs)(*(x.detach().cuda() if torch.is_tensor(x) else x for x in inputs))  # noqa: E731
-    inputs = cuda(make_scores_inputs(Case(1, seq_len, heads, dim, P=seq_len // ratio, ratio=ratio, seed=3), torch.bfloat16))
+    case = Case(1, seq_len, heads, dim, P=seq_len // ratio, ratio=ratio, seed=3)
+    inputs = cuda(make_scores_inputs(case, torch.bfloat16))._replace(doc_ids=doc_ids)
     q, weights, keys = (x.requires_grad_() for x in inputs[:3])
-    picks = custom_ops.indexer_topk(q, weights, keys, k=k, ratio=ratio)
-    check_topk(TopkInputs(*inputs[:3], k, ratio), picks)
+    picks = custom_ops.indexer_topk(q, weights, keys, k=k, ratio=ratio, doc_ids=doc_ids)
+    check_topk(TopkInputs(*inputs[:3], k, ratio, doc_ids), picks)
 
     for indices in (None, picks):
-        scores = custom_ops.indexer_scores(q, weights, keys, indices, ratio=ratio)
+        scores = custom_ops.indexer_scores(q, weights, keys, indices, ratio=ratio, doc_ids=doc_ids)
         grad = torch.randn(scores.shape, device="cuda")
         grads = torch.autograd.grad(torch.where(torch.isfinite(scores), scores, 0.0), (q, weights, keys), grad)
         result = {"scores": scores.detach(), **dict(zip(("dq", "dweights", "dkeys"), grads))}
         check_scores(torch.bfloat16, inputs._replace(indices=indices), grad, result)
 
-    teacher = cuda(make_teacher_inputs(Case(1, seq_len, attn_heads, attn_dim, P=seq_len // ratio, ratio=ratio, seed=4), torch.bfloat16))
+    teacher_case = Case(1, seq_len, attn_heads, attn_dim, P=seq_len // ratio, ratio=ratio, seed=4)
+    teacher = cuda(make_teacher_inputs(teacher_case, torch.bfloat16))._replace(doc_ids=doc_ids)
     for indices in (None, picks):
-        log_mass, log_visible = custom_ops.indexer_teacher(*teacher[:4], indices, scale=teacher.scale, ratio=ratio)
+        log_mass, log_visible = custom_ops.indexer_teacher(*teacher[:4], indices, scale=teacher.scale, ratio=ratio, doc_ids=doc_ids)
         check_teacher(torch.bfloat16, teacher._replace(indices=indices), {"log_mass": log_mass, "log_visible": log_visible})

@@ -6,21 +6,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _entry_block(idx_row_ptr, n0, n_vis, N_LISTED, LISTED: tl.constexpr, BLOCK_N: tl.constexpr):
+def _entry_block(idx_row_ptr, n0, n_first, n_vis, N_LISTED, LISTED: tl.constexpr, BLOCK_N: tl.constexpr):
     """Block n0 of one query's entries: (slot offsets, entry ids, valid mask), each [BLOCK_N].
 
-    LISTED: slots of the query's index row (``idx_row_ptr``), valid when ``0 <= idx < n_vis``
-    (ignored slots read entry 0, masked). Otherwise entries ``n0 ..`` themselves, valid below n_vis.
+    The query sees entries ``n_first <= s < n_vis`` (n_first: the first entry of its document, >= 0).
+    LISTED: slots of the query's index row (``idx_row_ptr``), valid when the index is in that range
+    (ignored slots read entry 0, masked). Otherwise entries ``n0 ..`` themselves.
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if LISTED:
         idx = tl.load(idx_row_ptr + offs_n, mask=offs_n < N_LISTED, other=-1)
-        valid = (idx >= 0) & (idx < n_vis)
+        valid = (idx >= n_first) & (idx < n_vis)
         entry = tl.where(valid, idx, 0)
     else:
-        valid = offs_n < n_vis
+        valid = (offs_n >= n_first) & (offs_n < n_vis)
         entry = offs_n
     return offs_n, entry, valid
+
+
+@triton.jit
+def _visible_range(first_ptr, b, t, stride_fb, P, RATIO, BLOCK_N: tl.constexpr):
+    """(n_first, n_vis, n_start) of query t of batch b: it sees entries ``n_first <= s < n_vis``;
+    n_start is n_first rounded down to a whole block, where a walk over every entry begins."""
+    n_first = tl.load(first_ptr + b * stride_fb + t)
+    n_vis = tl.minimum((t + 1) // RATIO, P)
+    return n_first, n_vis, (n_first // BLOCK_N) * BLOCK_N
 
 
 def block(n: int, cap: int | None = None) -> int:

@@ -12,19 +12,21 @@ import torch
 import triton
 import triton.language as tl
 
+from ...documents import first_entries
 from ..contract import ScoresGrads, ScoresInputs, n_listed
-from .common import _entry_block, block, check_scores_inputs, dot_precision
+from .common import _entry_block, _visible_range, block, check_scores_inputs, dot_precision
 
 
 @triton.jit
 def _indexer_scores_bwd_kernel(
-    grad_ptr, q_ptr, w_ptr, keys_ptr, idx_ptr, dq_ptr, dw_ptr, dk_ptr,
+    grad_ptr, q_ptr, w_ptr, keys_ptr, idx_ptr, first_ptr, dq_ptr, dw_ptr, dk_ptr,
     P, N_LISTED, RATIO,
     stride_gb, stride_gs,
     stride_qb, stride_qs, stride_qh,
     stride_wb, stride_ws,
     stride_kb, stride_kp,
     stride_ib, stride_is,
+    stride_fb,
     H: tl.constexpr, D: tl.constexpr, LISTED: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -34,7 +36,7 @@ def _indexer_scores_bwd_kernel(
     """
     t = tl.program_id(0)
     b = tl.program_id(1)
-    n_vis = tl.minimum((t + 1) // RATIO, P)
+    n_first, n_vis, n_start = _visible_range(first_ptr, b, t, stride_fb, P, RATIO, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     hd_mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
@@ -48,9 +50,11 @@ def _indexer_scores_bwd_kernel(
     # [BLOCK_H]
     dw = tl.zeros([BLOCK_H], dtype=tl.float32)
     n_end = N_LISTED if LISTED else n_vis
-    for n0 in range(0, n_end, BLOCK_N):
+    for n0 in range(0 if LISTED else n_start, n_end, BLOCK_N):
         # [BLOCK_N] each
-        offs_n, entry, valid = _entry_block(idx_ptr + b * stride_ib + t * stride_is, n0, n_vis, N_LISTED, LISTED, BLOCK_N)
+        offs_n, entry, valid = _entry_block(
+            idx_ptr + b * stride_ib + t * stride_is, n0, n_first, n_vis, N_LISTED, LISTED, BLOCK_N
+        )
         # [BLOCK_N]: the gradient of entries that are not visible is ignored
         g = tl.load(grad_ptr + b * stride_gb + t * stride_gs + offs_n, mask=valid, other=0.0)
         nd_mask = valid[:, None] & (offs_d[None, :] < D)
@@ -72,7 +76,7 @@ def _indexer_scores_bwd_kernel(
 
 def indexer_scores_bwd(inputs: ScoresInputs, grad: torch.Tensor) -> ScoresGrads:
     """Gradients of ``sum(grad * scores)`` on validated contiguous inputs; grad ``[B, S, K or P]`` fp32."""
-    q, weights, keys, indices, ratio = inputs
+    q, weights, keys, indices, ratio, doc_ids = inputs
     check_scores_inputs(q, weights, keys)
     batch, seq_len, heads, dim = q.shape
     n_entries = keys.shape[1]
@@ -82,14 +86,16 @@ def indexer_scores_bwd(inputs: ScoresInputs, grad: torch.Tensor) -> ScoresGrads:
     dkeys = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
     listed = indices is not None
     idx = indices if listed else grad  # any tensor: the LISTED=False kernel never reads it
+    first = first_entries(doc_ids, batch, seq_len, ratio, q.device)
     _indexer_scores_bwd_kernel[(seq_len, batch)](
-        grad, q, weights, keys, idx, dq, dweights, dkeys,
+        grad, q, weights, keys, idx, first, dq, dweights, dkeys,
         n_entries, n_listed(indices, n_entries), ratio,
         grad.stride(0), grad.stride(1),
         q.stride(0), q.stride(1), q.stride(2),
         weights.stride(0), weights.stride(1),
         keys.stride(0), keys.stride(1),
         idx.stride(0), idx.stride(1),
+        first.stride(0),
         H=heads, D=dim, LISTED=listed,
         BLOCK_H=block(heads), BLOCK_D=block(dim), BLOCK_N=64, PRECISION=dot_precision(q.dtype),
         num_warps=4,

@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ...documents import first_entries
 from ..contract import TeacherInputs, TeacherOutputs, n_listed
-from .common import _entry_block, block, check_dtype, dot_precision
+from .common import _entry_block, _visible_range, block, check_dtype, dot_precision
 
 
 @triton.jit
@@ -49,12 +50,13 @@ def _head_summed_log_mass(
 
 @triton.jit
 def _indexer_teacher_fwd_kernel(
-    q_ptr, pool_ptr, lse_ptr, sink_ptr, idx_ptr, mass_ptr, visible_ptr,
+    q_ptr, pool_ptr, lse_ptr, sink_ptr, idx_ptr, first_ptr, mass_ptr, visible_ptr,
     scale, P, N_LISTED, RATIO,
     stride_qb, stride_qs, stride_qh,
     stride_pb, stride_pp,
     stride_lb, stride_ls,
     stride_ib, stride_is,
+    stride_fb,
     stride_mb, stride_ms,
     stride_vb,
     H: tl.constexpr, D: tl.constexpr, LISTED: tl.constexpr,
@@ -63,7 +65,7 @@ def _indexer_teacher_fwd_kernel(
     """log_mass (listed entries, or every visible one) and log_visible of query ``program_id(0)``."""
     t = tl.program_id(0)
     b = tl.program_id(1)
-    n_vis = tl.minimum((t + 1) // RATIO, P)
+    n_first, n_vis, n_start = _visible_range(first_ptr, b, t, stride_fb, P, RATIO, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
     # [BLOCK_H]: the attention's full softmax denominator per head, sink included
     lse = tl.load(lse_ptr + b * stride_lb + t * stride_ls + offs_h, mask=offs_h < H, other=0.0)
@@ -77,9 +79,9 @@ def _indexer_teacher_fwd_kernel(
     # Every visible entry: an online logsumexp per lane of the block, [BLOCK_N] each.
     run_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for n0 in range(0, n_vis, BLOCK_N):
+    for n0 in range(n_start, n_vis, BLOCK_N):
         # [BLOCK_N] each
-        offs_n, entry, valid = _entry_block(idx_ptr, n0, n_vis, N_LISTED, False, BLOCK_N)
+        offs_n, entry, valid = _entry_block(idx_ptr, n0, n_first, n_vis, N_LISTED, False, BLOCK_N)
         mass = _head_summed_log_mass(
             q_row_ptr, pool_b_ptr, entry, valid, denom, scale, stride_qh, stride_pp,
             H, D, BLOCK_H, BLOCK_D, BLOCK_N, PRECISION,
@@ -98,7 +100,9 @@ def _indexer_teacher_fwd_kernel(
     if LISTED:
         for n0 in range(0, N_LISTED, BLOCK_N):
             # [BLOCK_N] each
-            offs_n, entry, valid = _entry_block(idx_ptr + b * stride_ib + t * stride_is, n0, n_vis, N_LISTED, True, BLOCK_N)
+            offs_n, entry, valid = _entry_block(
+                idx_ptr + b * stride_ib + t * stride_is, n0, n_first, n_vis, N_LISTED, True, BLOCK_N
+            )
             mass = _head_summed_log_mass(
                 q_row_ptr, pool_b_ptr, entry, valid, denom, scale, stride_qh, stride_pp,
                 H, D, BLOCK_H, BLOCK_D, BLOCK_N, PRECISION,
@@ -109,7 +113,7 @@ def _indexer_teacher_fwd_kernel(
 def indexer_teacher(inputs: TeacherInputs) -> TeacherOutputs:
     """``v4::indexer_teacher`` on validated contiguous inputs: log_mass ``[B, S, K or P]`` and
     log_visible ``[B, S]``, fp32."""
-    q, pool, lse, sink, indices, scale, ratio = inputs
+    q, pool, lse, sink, indices, scale, ratio, doc_ids = inputs
     check_dtype("q", q, (torch.bfloat16, torch.float32))
     check_dtype("pool", pool, (q.dtype,))
     check_dtype("lse", lse, (torch.float32,))
@@ -122,13 +126,15 @@ def indexer_teacher(inputs: TeacherInputs) -> TeacherOutputs:
     listed = indices is not None
     idx = indices if listed else log_mass  # any tensor: the LISTED=False kernel never reads it
     block_h = block(heads)
+    first = first_entries(doc_ids, batch, seq_len, ratio, q.device)
     _indexer_teacher_fwd_kernel[(seq_len, batch)](
-        q, pool, lse, sink, idx, log_mass, log_visible,
+        q, pool, lse, sink, idx, first, log_mass, log_visible,
         scale, n_entries, n, ratio,
         q.stride(0), q.stride(1), q.stride(2),
         pool.stride(0), pool.stride(1),
         lse.stride(0), lse.stride(1),
         idx.stride(0), idx.stride(1),
+        first.stride(0),
         log_mass.stride(0), log_mass.stride(1),
         log_visible.stride(0),
         H=heads, D=dim, LISTED=listed,

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...documents import doc_starts
 from ..contract import Inputs, Outputs
-from ..reference import doc_starts
 from .config import Tiles, check_tiles, fwd_tiles
 
 # How a query's pool entries are enumerated (constexpr POOL of the kernels).
