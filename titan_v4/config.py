@@ -64,6 +64,12 @@ class V4:
     """Weight of the indexer's KL loss (>= 0). The indexer's graph is separate from the model's, so the
     weight scales only the indexer's gradient."""
 
+    document_masking: bool = True
+    """Packed documents attend only within themselves: the dataloader labels each token with its
+    document (a document begins at its BOS token) and the model keeps the sliding window, the
+    compressed entries, the indexer and MTP inside it; a next-token target in the following document
+    is ignored by the loss (docs/long_context.md). false = a packed sequence is one text."""
+
     dataset: str = "synthetic"
     """Training data: "synthetic" = the small templated corpus shipped in titan_v4/data/assets
     (no download); "local" = text files at dataset_path (.jsonl/.json, .txt or .parquet, a file
@@ -127,6 +133,8 @@ class V4:
                 f"v4.mtp_loss_weight_in_lr_decay={value!r} is invalid: allowed values are numbers >= 0, or -1 "
                 "(keep v4.mtp_loss_weight)"
             )
+        if not isinstance(self.document_masking, bool):
+            raise V4ConfigError(f"v4.document_masking={self.document_masking!r} is invalid: allowed values are true, false")
         value = self.max_nonfinite_steps
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise V4ConfigError(f"v4.max_nonfinite_steps={value!r} is invalid: allowed values are integers >= 0")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.helpers.job_config import job_config
+from titan_v4.model.loss import IGNORE_INDEX
 from titan_v4.data import ASSETS_DIR, build_v4_dataloader, build_v4_tokenizer
 
 
@@ -49,14 +50,55 @@ def _copy_tokenizer_only(directory: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------ dataloader
+def assert_document_layout(inputs: dict, labels: torch.Tensor, bos_id: int) -> None:
+    """Labels are the inputs shifted by one, except a BOS target (a document boundary), which is
+    ignored; doc_ids count the BOS tokens seen so far in the row (titan_v4/data/documents.py)."""
+    tokens = inputs["input"]
+    boundary = tokens[:, 1:] == bos_id
+    assert boundary.any(), "the batch should hold a document boundary"
+    assert torch.equal(labels[:, :-1], tokens[:, 1:].masked_fill(boundary, IGNORE_INDEX))
+    assert not (labels == bos_id).any()
+    assert inputs["doc_ids"].dtype == torch.int32
+    assert torch.equal(inputs["doc_ids"], (tokens == bos_id).cumsum(dim=1).to(torch.int32))
+
+
 def test_synthetic_dataloader_batches():
     cfg = job_config()
+    tokenizer = build_v4_tokenizer(cfg)
+    loader = build_v4_dataloader(dp_world_size=2, dp_rank=1, tokenizer=tokenizer, job_config=cfg)
+    inputs, labels = next(iter(loader))
+    assert set(inputs) == {"input", "doc_ids"}
+    assert inputs["input"].shape == inputs["doc_ids"].shape == labels.shape == (2, 32)
+    assert inputs["input"].dtype == torch.long
+    assert_document_layout(inputs, labels, tokenizer.bos_id)
+    assert int(labels.max()) < 2048
+
+
+def test_without_document_masking_labels_are_the_shifted_inputs():
+    cfg = job_config("--v4.no-document_masking")
     loader = build_v4_dataloader(dp_world_size=2, dp_rank=1, tokenizer=build_v4_tokenizer(cfg), job_config=cfg)
     inputs, labels = next(iter(loader))
-    assert inputs["input"].shape == labels.shape == (2, 32)
-    assert inputs["input"].dtype == torch.long
+    assert set(inputs) == {"input"}
     assert torch.equal(inputs["input"][:, 1:], labels[:, :-1])
-    assert int(labels.max()) < 2048
+
+
+def test_document_masking_keeps_the_checkpointed_position():
+    """The layout wrapper holds no state: the dataloader's state is the dataset's, with masking on or
+    off, and a loader restored from it continues with the same batch."""
+    states, following = {}, {}
+    for masking in (True, False):
+        cfg = job_config("--v4.document_masking" if masking else "--v4.no-document_masking")
+        tokenizer = build_v4_tokenizer(cfg)
+        loader = build_v4_dataloader(dp_world_size=1, dp_rank=0, tokenizer=tokenizer, job_config=cfg)
+        batches = iter(loader)
+        next(batches)
+        states[masking] = loader.state_dict()
+        following[masking] = next(batches)
+    resumed = build_v4_dataloader(1, 0, tokenizer, job_config())
+    resumed.load_state_dict(states[False])  # a checkpoint written without masking
+    inputs, labels = next(iter(resumed))
+    assert torch.equal(inputs["input"], following[True][0]["input"]) and torch.equal(labels, following[True][1])
+    assert torch.equal(inputs["input"], following[False][0]["input"])
 
 
 def test_training_dataset_path_is_refused():
@@ -99,7 +141,7 @@ def test_local_dataset(tmp_path, hf_cache, fmt):
     loader = build_v4_dataloader(dp_world_size=1, dp_rank=0, tokenizer=tok, job_config=cfg)
     inputs, labels = next(iter(loader))
     assert inputs["input"].shape == labels.shape == (2, 32)
-    assert torch.equal(inputs["input"][:, 1:], labels[:, :-1])
+    assert_document_layout(inputs, labels, tok.bos_id)
     first = inputs["input"][0].tolist()
     assert first[0] == tok.bos_id
     assert tok.decode(first[1:]).startswith("Document")

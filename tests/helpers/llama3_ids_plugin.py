@@ -23,7 +23,8 @@ from titan_v4.data import build_v4_dataloader, build_v4_tokenizer
 class Llama3WithTokenIds(Transformer):
     """llama3 whose forward requires the token ids on every stage."""
 
-    def forward(self, tokens, attention_masks=None, positions=None, token_ids=None):
+    def forward(self, tokens, attention_masks=None, positions=None, token_ids=None, doc_ids=None):
+        # doc_ids (titan_v4's document layout) is accepted and unused: this model checks the glue only.
         if token_ids is None or token_ids.dtype != torch.long or token_ids.shape[:2] != tokens.shape[:2]:
             raise AssertionError(f"bad token_ids {None if token_ids is None else (token_ids.dtype, token_ids.shape)}")
         # Pipeline shape inference runs each stage once under no_grad with placeholder positional

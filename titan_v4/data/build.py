@@ -23,6 +23,7 @@ from torchtitan.tools.logging import logger
 
 from titan_v4.config import V4, v4_settings
 from titan_v4.data.dataset import ASSETS_DIR, PackedDocumentDataset, load_synthetic_documents
+from titan_v4.data.documents import DocumentLayout
 from titan_v4.data.local_files import LOCAL_FORMATS, DataError, load_local_files, locate_row  # noqa: F401
 
 
@@ -82,7 +83,8 @@ def build_v4_dataloader(
     job_config: JobConfig,
     infinite: bool = True,
 ) -> ParallelAwareDataloader:
-    """The training dataloader: batches of ``({"input": LongTensor[B, S]}, labels LongTensor[B, S])``.
+    """The training dataloader: batches of ``({"input": LongTensor[B, S]}, labels LongTensor[B, S])``,
+    plus ``"doc_ids"`` int32 ``[B, S]`` with ``v4.document_masking`` (titan_v4/data/documents.py).
 
     ``B = training.local_batch_size``, ``S = training.seq_len``; rank ``dp_rank`` of
     ``dp_world_size`` reads its own shard; the loader's state goes into torchtitan's checkpoints.
@@ -104,6 +106,9 @@ def build_v4_dataloader(
         )
     else:
         dataset = _hf_text_dataset(settings, tokenizer, seq_len, dp_rank, dp_world_size, infinite)
+    if settings.document_masking:
+        dataset = DocumentLayout(dataset, tokenizer.bos_id)
+        logger.info(f"Data: document masking on (documents begin at BOS id {tokenizer.bos_id})")
 
     return ParallelAwareDataloader(
         dataset,

@@ -63,8 +63,12 @@ class Attention(nn.Module):
         self.dense_csa = args.indexer_phase in (DENSE, WARMUP)
         self.indexer_loss = AuxLoss("indexer_loss", "indexer_recall") if self.indexer is not None else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, S, dim] (normed), cos/sin [S, R/2] of this layer's RoPE -> [B, S, dim]."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, S, dim] (normed), cos/sin [S, R/2] of this layer's RoPE, doc_ids [B, S] document labels
+        of packed sequences (None: one document per row) -> [B, S, dim]. With doc_ids nothing crosses a
+        document boundary: window, compressed entries, the indexer's scores, top-k and KL target."""
         b, s, _ = x.shape
         q_latent = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
@@ -74,29 +78,31 @@ class Attention(nn.Module):
 
         pool = topk = indexer_queries = None
         if self.compressor is not None and s >= self.ratio:
-            pool = self.compressor(x, cos, sin).to(q.dtype)
+            pool = self.compressor(x, cos, sin, doc_ids).to(q.dtype)
             if self.indexer is not None:
-                indexer_queries = self.indexer(x, q_latent, cos, sin)
-                topk = None if self.dense_csa else self.indexer.select(indexer_queries)
+                indexer_queries = self.indexer(x, q_latent, cos, sin, doc_ids)
+                topk = None if self.dense_csa else self.indexer.select(indexer_queries, doc_ids)
         sink = self.attn_sink.to(compute_dtype(q.dtype))
         scale = self.head_dim**-0.5
         out, lse = custom_ops.sparse_attention(
-            q, kv, sink, pool, topk, window=self.window_size, scale=scale, ratio=max(self.ratio, 1)
+            q, kv, sink, pool, topk, window=self.window_size, scale=scale, ratio=max(self.ratio, 1), doc_ids=doc_ids
         )
         # K = V carries RoPE into the output: rotate it back to the query's frame.
         out = apply_rope(out, cos, -sin).view(b, s, self.o_groups, -1)
         wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
         out = self.wo_b(torch.einsum("bsgi,goi->bsgo", out, wo_a).flatten(2))
         if indexer_queries is not None and self.indexer_phase != FROZEN and torch.is_grad_enabled():
-            out = self._attach_indexer_loss(out, indexer_queries, q, pool, lse, sink, topk, scale)
+            out = self._attach_indexer_loss(out, indexer_queries, q, pool, lse, sink, topk, scale, doc_ids)
         return out
 
-    def _attach_indexer_loss(self, out, queries, q, pool, lse, sink, topk, scale: float) -> torch.Tensor:
+    def _attach_indexer_loss(self, out, queries, q, pool, lse, sink, topk, scale: float, doc_ids) -> torch.Tensor:
         """The indexer's KL to this layer's attention (over the top-k, or every visible entry in the
         dense phases), attached to ``out``'s gradient; the teacher is a target (no gradient)."""
-        student = custom_ops.indexer_scores(*queries, topk, ratio=self.ratio)
+        student = custom_ops.indexer_scores(*queries, topk, ratio=self.ratio, doc_ids=doc_ids)
         with torch.no_grad():
-            log_mass, log_visible = custom_ops.indexer_teacher(q, pool, lse, sink, topk, scale=scale, ratio=self.ratio)
+            log_mass, log_visible = custom_ops.indexer_teacher(
+                q, pool, lse, sink, topk, scale=scale, ratio=self.ratio, doc_ids=doc_ids
+            )
         loss, recall = indexer_kl(
             student, log_mass, log_visible, topk=self.indexer.topk, listed_are_topk=topk is not None
         )

@@ -28,10 +28,18 @@ class TransformerBlock(nn.Module):
         # Depth-scaled init of the output projections (torchtitan's DeepSeek-V3 rule).
         self.weight_init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
-        """x [B, S, hc, D], cos/sin [S, R/2], token_ids [B, S] (hash layers) -> [B, S, hc, D]."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        token_ids: torch.Tensor | None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, S, hc, D], cos/sin [S, R/2], token_ids [B, S] (hash layers), doc_ids [B, S] (packed
+        documents, see Attention) -> [B, S, hc, D]."""
         h, post, comb = self.hc_attn.collapse(x)
-        x = self.hc_attn.expand(x, self.attention(self.attention_norm(h), cos, sin), post, comb)
+        x = self.hc_attn.expand(x, self.attention(self.attention_norm(h), cos, sin, doc_ids), post, comb)
         h, post, comb = self.hc_ffn.collapse(x)
         return self.hc_ffn.expand(x, self.moe(self.ffn_norm(h), token_ids), post, comb)
 

@@ -31,6 +31,13 @@ class Compressor(nn.Module):
     together with Cb of window w (2*ratio slots, stride ratio; window 0 has no predecessor).
     Entries are RMS-normed and roped at their window's first position. A trailing partial window
     produces no entry.
+
+    Packed documents (``doc_ids``): an entry belongs to the document of its window's last token and
+    pools only the slots of that document (the others get softmax weight 0), so nothing of another
+    document enters it. An entry whose window straddles a boundary (or whose CSA predecessor window
+    does) is still computed, but only from its own document's tokens; the attention never shows an
+    entry whose window starts before the query's document (custom_ops/documents.py), so a document
+    that starts at a multiple of ``ratio`` gets exactly the entries it would get alone.
     """
 
     def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, eps: float):
@@ -44,8 +51,11 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32))
         self.norm = nn.RMSNorm(head_dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, S, dim], cos/sin [S, R/2] -> entries [B, S // ratio, head_dim] in x's dtype."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, S, dim], cos/sin [S, R/2], doc_ids [B, S] or None -> entries [B, S // ratio, head_dim]
+        in x's dtype."""
         b, s, _ = x.shape
         r, d = self.ratio, self.head_dim
         n = s // r
@@ -60,9 +70,22 @@ class Compressor(nn.Module):
             prev_gate = torch.cat((no_prev, gate[:, :-1, :, :d]), dim=1)
             kv = torch.cat((prev_kv, kv[..., d:]), dim=2)  # [B, n, 2r, d]
             gate = torch.cat((prev_gate, gate[..., d:]), dim=2)
+        if doc_ids is not None:
+            gate = gate.masked_fill(~self._same_document(doc_ids[:, : n * r].view(b, n, r)), float("-inf"))
         weights = gate.softmax(dim=2, dtype=compute_dtype(kv.dtype)).to(kv.dtype)
         pooled = self.norm((kv * weights).sum(dim=2))
         return apply_rope(pooled, cos[: n * r : r], sin[: n * r : r])
+
+    def _same_document(self, docs: torch.Tensor) -> torch.Tensor:
+        """docs [B, n, r] (each window's document ids) -> [B, n, slots, 1] bool: the slot's token is in
+        the document of its entry's last token (slots: r, or 2r with the predecessor window first)."""
+        owner = docs[:, :, -1:]  # [B, n, 1]
+        same = docs == owner
+        if self.overlap:
+            # Window 0 has no predecessor (its slots are -inf already): any value will do.
+            prev = torch.cat((docs[:, :1], docs[:, :-1]), dim=1)
+            same = torch.cat((prev == owner, same), dim=2)
+        return same.unsqueeze(-1)
 
     def init_weights(self, init_std: float) -> None:
         for linear in (self.wkv, self.wgate):
@@ -100,24 +123,33 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(args.dim, args.index_n_heads, bias=False)
         self.compressor = Compressor(args.dim, args.index_head_dim, args.csa_ratio, overlap=True, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> IndexerQueries:
-        """x [B, S, dim] (the normed block input), q_latent [B, S, q_lora_rank] -> the queries, weights
-        and keys to score with, computed from detached inputs (with a graph only when trained)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+    ) -> IndexerQueries:
+        """x [B, S, dim] (the normed block input), q_latent [B, S, q_lora_rank], doc_ids [B, S] or None
+        -> the queries, weights and keys to score with, computed from detached inputs (with a graph
+        only when trained)."""
         b, s, _ = x.shape
         x, q_latent = x.detach(), q_latent.detach()
         with torch.set_grad_enabled(self.trained and torch.is_grad_enabled()):
             q = apply_rope(self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim), cos, sin)
-            keys = self.compressor(x, cos, sin).to(q.dtype)
+            keys = self.compressor(x, cos, sin, doc_ids).to(q.dtype)
             with full_precision(x):  # the head weights in compute_dtype, whatever x's dtype
                 dtype = compute_dtype(q.dtype)
                 scale = (self.n_heads * self.head_dim) ** -0.5
                 weights = F.linear(x.to(dtype), self.weights_proj.weight.to(dtype)) * scale
         return IndexerQueries(q, weights, keys)
 
-    def select(self, queries: IndexerQueries) -> torch.Tensor:
-        """Top-k entry ids [B, S, min(topk, S // ratio)] int32, -1 where fewer entries are visible."""
+    def select(self, queries: IndexerQueries, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-k entry ids [B, S, min(topk, S // ratio)] int32 among the entries visible in the query's
+        document, -1 where fewer are visible."""
         k = min(self.topk, queries.keys.shape[1])
-        return custom_ops.indexer_topk(*queries, k=k, ratio=self.ratio)
+        return custom_ops.indexer_topk(*queries, k=k, ratio=self.ratio, doc_ids=doc_ids)
 
     def init_weights(self, init_std: float) -> None:
         for linear in (self.wq_b, self.weights_proj):

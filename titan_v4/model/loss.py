@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
@@ -26,13 +27,27 @@ from torchtitan.tools.logging import logger
 from titan_v4.config import v4_settings
 
 
+def mtp_targets(labels: torch.Tensor, depth: int) -> torch.Tensor:
+    """[B, S - depth]: the target of MTP depth `depth` (1-based) at positions 0 .. S - depth - 1.
+
+    Position i predicts labels[:, i + depth] (token i + 1 + depth), and only when every next-token
+    label from i to i + depth counts: an ignored label marks a position whose next token starts a new
+    document (titan_v4/data/documents.py), so a target past a document boundary is ignored too.
+    """
+    ignored = (labels == IGNORE_INDEX).to(torch.int32)
+    # Ignored labels among labels[i .. i + depth], from a cumulative sum.
+    counts = F.pad(ignored.cumsum(dim=1), (1, 0))
+    crossing = counts[:, depth + 1 :] - counts[:, : -depth - 1] > 0
+    return labels[:, depth:].masked_fill(crossing, IGNORE_INDEX)
+
+
 def mtp_cross_entropy(mtp_logits: torch.Tensor, labels: torch.Tensor, depth: int, cross_entropy=cross_entropy_loss) -> torch.Tensor:
-    """Sum CE of MTP depth `depth` (1-based): its position i predicts labels[:, i + depth].
+    """Sum CE of MTP depth `depth` (1-based) against :func:`mtp_targets`.
 
     mtp_logits [B, S, V], labels [B, S] (labels[:, i] = token i+1). The last `depth` positions have
     no target. `cross_entropy(logits, labels)` is the sum cross-entropy to use (eager or compiled).
     """
-    return cross_entropy(mtp_logits[:, :-depth], labels[:, depth:])
+    return cross_entropy(mtp_logits[:, :-depth], mtp_targets(labels, depth))
 
 
 class V4Loss:
@@ -64,8 +79,9 @@ class V4Loss:
         if mtp_logits and self.mtp_loss_weight > 0:
             mtp = 0.0
             for k, m in enumerate(mtp_logits):
-                mtp_k = mtp_cross_entropy(m, labels, k + 1, self.cross_entropy)
-                self._record("mtp_loss", mtp_k, labels[:, k + 1 :])
+                targets = mtp_targets(labels, k + 1)
+                mtp_k = self.cross_entropy(m[:, : -(k + 1)], targets)
+                self._record("mtp_loss", mtp_k, targets)
                 mtp = mtp + mtp_k
             loss = loss + mtp * (self.mtp_loss_weight / len(mtp_logits))
         return loss if self.denom is None else loss / self.denom

@@ -75,14 +75,27 @@ class DeepSeekV4Model(ModelProtocol):
         self,
         tokens: torch.Tensor,
         token_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
         attention_masks=None,
         positions: torch.Tensor | None = None,
     ):
         """tokens [B, S] int ids on the first pipeline stage (the boundary tensor
         [B, S, hc + mtp_depth, D] after it); token_ids [B, S]: the ids, needed by hash-routed layers
-        on later stages (default: tokens)."""
+        on later stages (default: tokens).
+
+        doc_ids [B, S] integer: the document layout of packed sequences, a document being a maximal
+        run of equal consecutive labels (the dataloader's, titan_v4/data/documents.py); None = one
+        document per row. With it nothing crosses a document boundary in any layer or MTP block
+        (see Attention and Compressor). Positions do not restart at a document: RoPE makes the
+        attention depend on position differences only, and the compressors' windows stay on the
+        sequence's grid, so a document that starts at a multiple of 128 tokens gets the logits it
+        gets alone (up to the rounding of the rotary tables). torchtitan's ``attention_masks`` /
+        ``positions`` are not used by V4 and are refused.
+        """
         if attention_masks is not None or positions is not None:
-            raise NotImplementedError("DeepSeek-V4: attention_masks / positions (packed documents, CP) are not supported yet")
+            raise NotImplementedError(
+                "DeepSeek-V4 takes its document layout as doc_ids; torchtitan's attention_masks / positions are not used"
+            )
         depth = self.model_args.mtp_depth
         if self.tok_embeddings is not None:
             token_ids = tokens if token_ids is None else token_ids
@@ -99,7 +112,7 @@ class DeepSeekV4Model(ModelProtocol):
             h, mtp_embeds = tokens, None
         seq_len = h.shape[1]
         for layer in self.layers.values():
-            h = layer(h, *self.rope_for(layer.attn_type, seq_len), token_ids)
+            h = layer(h, *self.rope_for(layer.attn_type, seq_len), token_ids, doc_ids)
         if self.output is None:  # not the last pipeline stage: one tensor crosses the boundary
             return h if mtp_embeds is None else torch.cat((h, mtp_embeds), dim=2)
         logits = self.output(self.norm(self.hc_head(h)))
@@ -108,7 +121,7 @@ class DeepSeekV4Model(ModelProtocol):
         cos, sin = self.rope_for(SWA, seq_len)
         mtp_logits = []
         for k, block in enumerate(self.mtp.values()):
-            h = block(h, mtp_embeds[:, :, k], cos, sin)
+            h = block(h, mtp_embeds[:, :, k], cos, sin, doc_ids)
             mtp_logits.append(self.output(block.norm(block.hc_head(h))))
         return (logits, *mtp_logits)
 

@@ -29,13 +29,24 @@ class MTPBlock(TransformerBlock):
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.hc_head = HyperHead(args)
 
-    def forward(self, h: torch.Tensor, next_embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """h [B, S, hc, D] previous streams, next_embed [B, S, D] embedded next tokens -> [B, S, hc, D].
+    def forward(
+        self,
+        h: torch.Tensor,
+        next_embed: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """h [B, S, hc, D] previous streams, next_embed [B, S, D] embedded next tokens, doc_ids [B, S] of
+        the positions (packed documents) -> [B, S, hc, D].
 
-        The token term is broadcast to every stream; hnorm normalises each stream.
+        The token term is broadcast to every stream; hnorm normalises each stream. Near a document's
+        end the next tokens come from the following document: those positions have no target (the
+        loss ignores them, loss.py) and, as the attention stays inside the document and is causal,
+        nothing there reaches a position that has one.
         """
         x = self.e_proj(self.enorm(next_embed)).unsqueeze(2) + self.h_proj(self.hnorm(h))
-        return super().forward(x, cos, sin, token_ids=None)
+        return super().forward(x, cos, sin, token_ids=None, doc_ids=doc_ids)
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         super().init_weights(buffer_device)

@@ -17,10 +17,11 @@ from .args import DeepSeekV4ModelArgs
 from .precision import compute_dtype
 
 
-def rope_inv_freq(args: DeepSeekV4ModelArgs, theta: float, yarn: bool) -> torch.Tensor:
-    """[rope_head_dim // 2] fp32 inverse frequencies; YaRN (HF / official, no mscale) when `yarn`."""
+def rope_inv_freq(args: DeepSeekV4ModelArgs, theta: float, yarn: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[rope_head_dim // 2] inverse frequencies (fp32 as HF computes them); YaRN (HF / official, no
+    mscale) when `yarn`."""
     dim = args.rope_head_dim
-    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=dtype) / dim)
     inv_freq = 1.0 / pos_freqs
     if not yarn:
         return inv_freq
@@ -32,31 +33,34 @@ def rope_inv_freq(args: DeepSeekV4ModelArgs, theta: float, yarn: bool) -> torch.
     high = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=dtype) - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1 - ramp  # 1 = keep the original frequency (high-frequency dims)
     interpolated = 1.0 / (args.rope_factor * pos_freqs)
     return interpolated * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
 
 
-def rope_table(args: DeepSeekV4ModelArgs, theta: float, yarn: bool, device=None) -> torch.Tensor:
-    """[2, max_seq_len, rope_head_dim // 2] fp32: cos and sin of position x inverse frequency, with
-    `yarn` times `args.yarn_attention_factor` (as HF scales its YaRN cos / sin)."""
-    inv_freq = rope_inv_freq(args, theta, yarn).to(device)
-    positions = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
+def rope_table(args: DeepSeekV4ModelArgs, theta: float, yarn: bool, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[2, max_seq_len, rope_head_dim // 2]: cos and sin of position x inverse frequency, with
+    `yarn` times `args.yarn_attention_factor` (as HF scales its YaRN cos / sin). Computed in `dtype`:
+    fp32 as HF does; fp64 tables make the rotation shift-invariant to fp64 rounding (the tests of
+    packed documents at different offsets use them)."""
+    inv_freq = rope_inv_freq(args, theta, yarn, dtype).to(device)
+    positions = torch.arange(args.max_seq_len, dtype=dtype, device=device)
     angles = torch.outer(positions, inv_freq)
     table = torch.stack((angles.cos(), angles.sin()))
     return table * args.yarn_attention_factor if yarn else table
 
 
-def main_rope_table(args: DeepSeekV4ModelArgs, device=None) -> torch.Tensor:
+def main_rope_table(args: DeepSeekV4ModelArgs, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The table of sliding-window-only layers and the MTP block."""
-    return rope_table(args, args.rope_theta, yarn=False, device=device)
+    return rope_table(args, args.rope_theta, yarn=False, device=device, dtype=dtype)
 
 
-def compress_rope_table(args: DeepSeekV4ModelArgs, device=None) -> torch.Tensor:
+def compress_rope_table(args: DeepSeekV4ModelArgs, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The table of CSA / HCA layers (attention, compressors, indexer): YaRN or plain, as
     `args.compress_rope_type` says."""
-    return rope_table(args, args.compress_rope_theta, yarn=args.compress_rope_type == "yarn", device=device)
+    yarn = args.compress_rope_type == "yarn"
+    return rope_table(args, args.compress_rope_theta, yarn=yarn, device=device, dtype=dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,13 @@ module is reached).
 
 What ``V4Trainer`` adds to torchtitan 0.2.2's ``Trainer``:
 
-* ``post_dataloading_process`` puts the token ids into ``extra_kwargs["token_ids"]``. Under
-  pipeline parallelism ``extra_kwargs`` reach every stage (``extra_inputs`` only the first), so
-  hash-routed MoE layers on any stage get the ids; integer ids cannot travel as stage activations
-  (docs/design.md, "torchtitan 0.2.2 as the host"). The model's ``forward`` takes ``token_ids=None``.
+* ``post_dataloading_process`` puts the token ids into ``extra_kwargs["token_ids"]``, and the
+  dataloader's document layout (``doc_ids``, titan_v4/data/documents.py) into ``extra_kwargs`` too.
+  Under pipeline parallelism ``extra_kwargs`` reach every stage (``extra_inputs`` only the first), so
+  hash-routed MoE layers and the attention of any stage get them; integer ids cannot travel as stage
+  activations (docs/design.md, "torchtitan 0.2.2 as the host"). The model's ``forward`` takes
+  ``token_ids=None, doc_ids=None``. With ``v4.document_masking`` a dataloader that gives no
+  ``doc_ids`` is refused before the first step.
 * ``forward_backward_step`` fixes the pipeline-parallel gradient scale: 0.2.2 backpropagates the
   SUM loss of each microbatch and divides only the *reported* loss by the global token count, so
   PP gradients are ~#tokens times too large (measured 500-1000x). When the loss function has a
@@ -61,7 +64,7 @@ from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
 from torchtitan.tools.logging import logger  # noqa: E402
 from torchtitan.train import Trainer, main  # noqa: E402
 
-from titan_v4.config import v4_settings  # noqa: E402
+from titan_v4.config import JobConfigError, v4_settings  # noqa: E402
 from titan_v4.model.aux_loss import set_aux_loss_scale  # noqa: E402
 from titan_v4.train import resume, run_log  # noqa: E402
 from titan_v4.train.checks import check_job_config  # noqa: E402
@@ -148,6 +151,13 @@ class V4Trainer(ObserveLoss, Trainer):
         inputs, labels, extra_inputs, extra_kwargs = super().post_dataloading_process(input_dict, labels)
         # The ids the model sees (after any context-parallel sharding), for every PP stage.
         extra_kwargs["token_ids"] = inputs
+        if "doc_ids" in extra_inputs:
+            extra_kwargs["doc_ids"] = extra_inputs.pop("doc_ids")
+        elif v4_settings(self.job_config).document_masking:
+            raise JobConfigError(
+                "v4.document_masking=true but the dataloader's batches carry no document layout (no 'doc_ids'): "
+                "use titan_v4's dataloader (build_v4_dataloader) or set v4.document_masking=false"
+            )
         return inputs, labels, extra_inputs, extra_kwargs
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
