@@ -71,7 +71,7 @@ def test_bad_cli_value_is_reported_by_the_parser(capsys):
     assert "v4.dataset='nope' is invalid" in " ".join(capsys.readouterr().err.split()).replace("│ ", "")
 
 
-@pytest.mark.parametrize("name", ["debug", "flash_proxy", "flash", "pro"])
+@pytest.mark.parametrize("name", ["debug", "flash_proxy", "long_proxy", "flash", "pro"])
 def test_shipped_configs_set_a_seed(name):
     """Without debug.seed every run starts from new random weights (step-1 losses 10.48-10.56 on the
     debug config); tests/integration/test_train_cpu.py checks that two runs then agree."""

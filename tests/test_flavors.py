@@ -9,7 +9,7 @@ from titan_v4.model.model import DeepSeekV4Model
 
 
 def test_unknown_flavor_lists_allowed():
-    with pytest.raises(KeyError, match=r"model.flavor='flashh'.*allowed: \['debugmodel', 'flash', 'flash_4layers', 'flash_proxy', 'pro'\]"):
+    with pytest.raises(KeyError, match=r"model.flavor='flashh'.*allowed: \['debugmodel', 'flash', 'flash_4layers', 'flash_proxy', 'long_proxy', 'pro'\]"):
         deepseek_v4_args["flashh"]
 
 
@@ -30,5 +30,11 @@ def test_flavors_are_the_released_models():
     proxy = deepseek_v4_args["flash_proxy"]
     assert proxy.attn_types == (SWA, CSA, HCA, CSA) and (proxy.n_routed_experts, proxy.n_activated_experts) == (16, 6)
     assert (proxy.dim, proxy.n_heads, proxy.moe_inter_dim) == (flash.dim, flash.n_heads, flash.moe_inter_dim)
+    long = deepseek_v4_args["long_proxy"]
+    attention = ("n_heads", "head_dim", "rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "window_size",
+                 "csa_ratio", "hca_ratio", "index_n_heads", "index_head_dim", "index_topk", "dim", "moe_inter_dim",
+                 "n_activated_experts", "original_seq_len")  # fmt: skip
+    assert all(getattr(long, name) == getattr(flash, name) for name in attention)
+    assert long.attn_types == (SWA, CSA, HCA, CSA) and long.vocab_size == 2048
     four = deepseek_v4_args["flash_4layers"]
     assert four.replace(n_layers=43, attn_types=flash.attn_types) == flash  # Flash, truncated

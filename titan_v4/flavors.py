@@ -2,7 +2,8 @@
 
 `debugmodel` is tiny and covers every block kind; `flash` and `pro` are the released models
 (docs/deepseek_v4.md); `flash_proxy` is Flash's width on 4 layers, sized for one 80 GB GPU;
-`flash_4layers` is Flash's first 4 layers with all its experts (checkpoint-load benchmark).
+`flash_4layers` is Flash's first 4 layers with all its experts (checkpoint-load benchmark);
+`long_proxy` is Flash's attention on 4 layers with a small vocabulary, for long sequences on one GPU.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ deepseek_v4_args = FlavorRegistry(
             n_layers=4,
             attn_types=(SWA, CSA, HCA, CSA),
             n_routed_experts=16,
+            n_hash_layers=1,
+        ),
+        # Long-context proxy for one 80 GB GPU (docs/long_context.md): Flash's attention, compressors,
+        # indexer and widths on 4 layers (SWA, CSA, HCA, CSA), 8 + 1 experts (6 active, as Flash)
+        # and the bundled tokenizer's 2048-token vocabulary, so the head stays small at long lengths.
+        "long_proxy": DeepSeekV4ModelArgs(
+            vocab_size=2048,
+            n_layers=4,
+            attn_types=(SWA, CSA, HCA, CSA),
+            n_routed_experts=8,
             n_hash_layers=1,
         ),
     }

@@ -161,3 +161,41 @@ def test_local_dataset_errors(tmp_path, hf_cache):
     jsonl = _write_local(tmp_path, "jsonl")
     with pytest.raises(ValueError, match=r"v4.text_column='text' is invalid: allowed values are the columns \['body', 'id'\]"):
         build(jsonl, column="text")
+
+
+class _NoBosTokenizer:
+    """Has a BOS id but does not put it in front of a document (a stream without boundaries)."""
+
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text, *, add_bos, add_eos):
+        return [ord(c) % 50 + 10 for c in text] + [self.eos_id] * add_eos
+
+
+def test_document_masking_refuses_a_stream_without_document_boundaries():
+    with pytest.raises(ValueError, match=r"v4.document_masking=true needs every document to begin with the tokenizer's BOS token \(id 1\)"):
+        build_v4_dataloader(1, 0, _NoBosTokenizer(), job_config())
+    loader = build_v4_dataloader(1, 0, _NoBosTokenizer(), job_config("--v4.no-document_masking"))
+    assert set(next(iter(loader))[0]) == {"input"}
+
+
+def test_a_longer_seq_len_resumes_where_the_stream_stopped():
+    """A stage switch (4K -> 16K -> 64K, docs/long_context.md) resumes the dataloader's state under a new
+    training.seq_len: the next window starts at the first token the shorter run did not consume."""
+    # Masking off so that each window's last label is its last token (masking keeps the state: above).
+    plain = "--v4.no-document_masking"
+    short_cfg, long_cfg = job_config("--training.seq_len", "32", plain), job_config("--training.seq_len", "80", plain)
+    tokenizer = build_v4_tokenizer(short_cfg)
+    fresh = iter(build_v4_dataloader(1, 0, tokenizer, short_cfg))
+    # The token stream: windows of seq_len + 1 tokens, back to back (the last label of each is its end).
+    stream = torch.cat([torch.cat((x["input"], y[:, -1:]), dim=1).flatten() for x, y in (next(fresh) for _ in range(6))])
+    short = build_v4_dataloader(1, 0, tokenizer, short_cfg)
+    batches = iter(short)
+    next(batches), next(batches)  # 2 steps of 2 windows of 33 tokens: 132 tokens consumed
+    state = short.state_dict()
+    longer = build_v4_dataloader(1, 0, tokenizer, long_cfg)
+    longer.load_state_dict(state)
+    inputs, labels = next(iter(longer))
+    assert inputs["input"].shape == (2, 80)
+    window = torch.cat((inputs["input"][0], labels[0, -1:]))
+    assert torch.equal(window, stream[132 : 132 + 81])

@@ -49,7 +49,8 @@ def test_mtp_weight_drops_when_the_lr_decay_starts(tmp_path):
     # from step 5 on (its stable phase counts a virtual last step).
     run = run_train("--training.steps", "6", "--lr_scheduler.warmup_steps", "2", "--lr_scheduler.decay_ratio", "0.5",
                     "--v4.mtp_loss_weight", "0.3", "--v4.mtp_loss_weight_in_lr_decay", "0.1", "--checkpoint.no-enable",
-                    "--job.dump_folder", str(tmp_path))  # fmt: skip
+                    # One text per sequence: every position has its LM target and all but the last its MTP one.
+                    "--v4.no-document_masking", "--job.dump_folder", str(tmp_path))  # fmt: skip
     assert "titan_v4: MTP loss weight 0.3, then 0.1 from step 5 on" in run.log
     lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
     assert lrs[5] < lrs[4] == lrs[3], lrs  # the lr decays from step 5

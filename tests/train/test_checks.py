@@ -60,6 +60,7 @@ def test_a_string_typed_toml_number_is_refused_by_name(tmp_path):
         (("--parallelism.expert_parallel_degree", "0"), 1, r"parallelism.expert_parallel_degree=0 is invalid"),
         (("--parallelism.data_parallel_shard_degree", "4"), 2, r"parallelism.data_parallel_shard_degree=4 is invalid.*2 are running"),
         (("--parallelism.data_parallel_replicate_degree", "3"), 2, r"does not divide the 2 processes"),
+        (("--parallelism.context_parallel_degree", "2"), 2, r"parallelism.context_parallel_degree=2 is invalid: allowed values are 1: context parallelism is not implemented"),
     ],
 )
 def test_parallel_degrees_that_do_not_fit_the_world_are_refused(args, world, message):

@@ -23,7 +23,7 @@ from torchtitan.tools.logging import logger
 
 from titan_v4.config import V4, v4_settings
 from titan_v4.data.dataset import ASSETS_DIR, PackedDocumentDataset, load_synthetic_documents
-from titan_v4.data.documents import DocumentLayout
+from titan_v4.data.documents import DocumentLayout, check_documents_begin_with_bos
 from titan_v4.data.local_files import LOCAL_FORMATS, DataError, load_local_files, locate_row  # noqa: F401
 
 
@@ -107,6 +107,7 @@ def build_v4_dataloader(
     else:
         dataset = _hf_text_dataset(settings, tokenizer, seq_len, dp_rank, dp_world_size, infinite)
     if settings.document_masking:
+        check_documents_begin_with_bos(tokenizer)
         dataset = DocumentLayout(dataset, tokenizer.bos_id)
         logger.info(f"Data: document masking on (documents begin at BOS id {tokenizer.bos_id})")
 

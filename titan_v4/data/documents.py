@@ -22,6 +22,8 @@ import torch
 from torch.utils.data import IterableDataset
 from torchtitan.components.loss import IGNORE_INDEX
 
+from titan_v4.data.local_files import DataError
+
 
 def document_layout(window: torch.Tensor, bos_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One window of ``seq_len + 1`` token ids -> ``({"input", "doc_ids"}, labels)``, each ``[seq_len]``."""
@@ -29,6 +31,20 @@ def document_layout(window: torch.Tensor, bos_id: int) -> tuple[dict[str, torch.
     doc_ids = starts.cumsum(dim=0).to(torch.int32)
     labels = window[1:].masked_fill(starts[1:], IGNORE_INDEX)
     return {"input": window[:-1], "doc_ids": doc_ids[:-1]}, labels
+
+
+def check_documents_begin_with_bos(tokenizer) -> None:
+    """The document layout is read from BOS tokens: refuse (naming ``v4.document_masking``) a tokenizer
+    whose encoding of a document does not begin with its BOS id, whose packed stream would then have
+    no document boundaries."""
+    first = tokenizer.encode("a", add_bos=True, add_eos=True)[:1]
+    if first != [tokenizer.bos_id]:
+        raise DataError(
+            f"v4.document_masking=true needs every document to begin with the tokenizer's BOS token (id "
+            f"{tokenizer.bos_id}), but it encodes a document as {tokenizer.encode('a', add_bos=True, add_eos=True)}: "
+            "the packed stream has no document boundaries. Use a tokenizer that adds its BOS token, or set "
+            "v4.document_masking=false"
+        )
 
 
 class DocumentLayout(IterableDataset):

@@ -197,6 +197,13 @@ def _check_parallelism(job_config, world_size: int) -> None:
     }
     for name, degree in degrees.items():
         _require(degree >= 1, f"parallelism.{name}", degree, "integers >= 1")
+    _require(
+        p.context_parallel_degree == 1,
+        "parallelism.context_parallel_degree",
+        p.context_parallel_degree,
+        "1: context parallelism is not implemented for DeepSeek-V4 yet (docs/long_context.md); "
+        "a long sequence runs on one GPU per sequence, with full activation checkpointing",
+    )
     shard = p.data_parallel_shard_degree
     _require(shard == -1 or shard >= 1, "parallelism.data_parallel_shard_degree", shard, "-1 (the rest) or >= 1")
     others = p.data_parallel_replicate_degree * p.context_parallel_degree
