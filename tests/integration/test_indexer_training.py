@@ -67,7 +67,7 @@ def recall_against_best(model: DeepSeekV4Model, tokens: torch.Tensor) -> list[tu
     rows = []
 
     @torch.no_grad()
-    def measure(layer, out, queries, q, pool, lse, sink, topk, scale):
+    def measure(layer, out, queries, q, pool, lse, sink, topk, scale, doc_ids):
         log_mass, log_visible = custom_ops.indexer_teacher(q, pool, lse, sink, None, scale=scale, ratio=layer.ratio)
         k, has_entry = layer.indexer.topk, torch.isfinite(log_visible)
         picked = torch.where(topk >= 0, log_mass.gather(-1, topk.clamp_min(0)), float("-inf"))

@@ -56,13 +56,14 @@ def dense_teacher_and_student(attn: Attention, x, cos, sin, picks):
     return rows
 
 
-def oracle_kl(rows):
-    """mean over queries of KL(normalize(sum_h A) || softmax(I)), fp64."""
+def oracle_kl(rows, n_queries: int):
+    """KL(normalize(sum_h A) || softmax(I)) summed over the rows (the queries with an entry) and divided
+    by every query of the batch (those without an entry count 0), fp64."""
     total = 0.0
     for *_, mass, scores in rows:
         p = mass / mass.sum()
         total = total + (p * (p.log() - torch.log_softmax(scores, 0))).sum()
-    return total / len(rows)
+    return total / n_queries
 
 
 def make_layer(phase: str, seed: int = 8):
@@ -96,7 +97,7 @@ def test_layer_kl_and_gradient_match_dense_loop(phase):
         with torch.no_grad():
             q_latent = attn.q_norm(attn.wq_a(x))
             picks = attn.indexer.select(attn.indexer(x, q_latent, cos, sin))
-    expected = oracle_kl(dense_teacher_and_student(attn, x, cos, sin, picks))
+    expected = oracle_kl(dense_teacher_and_student(attn, x, cos, sin, picks), n_queries=x.shape[0] * x.shape[1])
     expected_grads = torch.autograd.grad(expected, list(params.values()))
     assert loss_value.item() == pytest.approx(expected.item(), rel=1e-5)  # recorded in fp32
     for (name, _), g, e in zip(params.items(), grads, expected_grads):
@@ -153,12 +154,14 @@ def test_indexer_kl_hand_case():
     assert recall_dense.item() == pytest.approx(0.75, rel=1e-12)
 
 
-def test_query_without_entries_is_not_counted():
+def test_query_without_entries_counts_zero():
+    """The loss is a mean over every query (one without an entry adds 0), the recall over the queries
+    with an entry."""
     log_mass = torch.tensor([[[float("-inf")] * 2, [0.0, 0.0]]], dtype=torch.float64)
     student = torch.tensor([[[float("-inf")] * 2, [1.0, -1.0]]], dtype=torch.float64, requires_grad=True)
     loss, recall = indexer_kl(student, log_mass, torch.tensor([[float("-inf"), math.log(2.0)]], dtype=torch.float64), topk=2, listed_are_topk=True)
     q = torch.softmax(torch.tensor([1.0, -1.0], dtype=torch.float64), 0)
-    assert loss.item() == pytest.approx((0.5 * (torch.log(0.5 / q))).sum().item(), rel=1e-12)
+    assert loss.item() == pytest.approx((0.5 * (torch.log(0.5 / q))).sum().item() / 2, rel=1e-12)
     assert recall.item() == pytest.approx(1.0)
     (grad,) = torch.autograd.grad(loss, student)
     assert torch.all(grad[0, 0] == 0) and torch.isfinite(grad).all()

@@ -5,8 +5,10 @@ For each query t with at least one visible compressed entry, the target is the m
 probability mass on the compared entries, summed over heads and L1-normalised,
 ``p[t] = normalize(sum_h A[h, t, :])`` (``custom_ops.indexer_teacher`` returns its log), and the student
 is the softmax of the indexer's scores over the same entries; the loss is ``KL(p[t] || softmax(I[t]))``
-averaged over those queries. The compared entries are the selected top-k in the sparse phase and every
-visible entry in the dense phases.
+averaged over every query, a query without a visible entry counting 0. Averaging over every query (not
+only those with an entry) keeps the loss independent of how a batch is split into microbatches: with
+packed documents the number of queries that see an entry differs between sequences. The compared
+entries are the selected top-k in the sparse phase and every visible entry in the dense phases.
 
 The recall is the share of the teacher's mass over EVERY visible entry that lies on the indexer's
 top-k: how much of what the attention wants the selection keeps.
@@ -38,7 +40,8 @@ def indexer_kl(
             False when they are every entry (dense phases: the recall takes the student's top-k).
 
     Returns:
-        loss (mean over queries with a visible entry; 0 if none) and recall (likewise, detached).
+        loss (mean over every query, 0 for one without a visible entry) and recall (mean over the
+        queries with a visible entry, detached; 0 if none).
     """
     neg_inf = float("-inf")
     valid = torch.isfinite(log_mass)  # [B, S, n]
@@ -51,8 +54,8 @@ def indexer_kl(
     log_q = torch.log_softmax(torch.where(rows, torch.where(valid, student, neg_inf), 0.0), dim=-1)
     p = log_p.exp()
     kl = (p * torch.where(valid, log_p - log_q, 0.0)).sum(dim=-1)  # [B, S]
+    loss = torch.where(has_entry, kl, 0.0).mean()
     n_queries = has_entry.sum().clamp_min(1)
-    loss = torch.where(has_entry, kl, 0.0).sum() / n_queries
 
     with torch.no_grad():
         if listed_are_topk:

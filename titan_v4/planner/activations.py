@@ -171,18 +171,30 @@ def partitioned(target: Callable | nn.Module) -> Callable:
     return run
 
 
+def compiled_run(block: nn.Module, op_sac: bool) -> Callable:
+    """How torch.compile runs `block`: its min-cut partition (:func:`partitioned`). A block wrapped for
+    activation checkpointing that recomputes the whole block (full AC, or layer-selective AC; not
+    `op_sac`, op-level selective AC) keeps only its inputs and reruns its compiled forward in the
+    backward, as a compiled checkpointed region does."""
+    inner = getattr(block, "_checkpoint_wrapped_module", None)
+    if inner is None or op_sac:
+        return partitioned(block)
+    run = partitioned(inner)
+    return lambda *args: torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
 def _as_traced(graph_module, example_inputs):
     return make_boxed_func(graph_module)
 
 
 class _Partitioned(nn.Module):
-    """A block whose call runs :func:`partitioned` of it; its parameters stay registered and its
+    """A block whose call runs :func:`compiled_run` of it; its parameters stay registered and its
     submodules reachable (the model reads an MTP block's norm and HyperHead after calling it)."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, op_sac: bool) -> None:
         super().__init__()
         self.block = block
-        self._run = partitioned(block)
+        self._run = compiled_run(block, op_sac)
 
     def forward(self, *args):
         return self._run(*args)
@@ -217,11 +229,11 @@ def block_signature(model: DeepSeekV4Model, layer_id: str) -> tuple:
 
 
 def simulate_block(model: DeepSeekV4Model, layer_id: str, batch: int, seq_len: int, dtype: torch.dtype,
-                   experts: Experts = Experts(), compiled: bool = False) -> PieceMemory:  # fmt: skip
+                   experts: Experts = Experts(), compiled: bool = False, op_sac: bool = False) -> PieceMemory:  # fmt: skip
     """Forward + backward of block `layer_id` of `model` (see :func:`checkpointed_model`) on fake
     tensors of a [batch, seq_len] micro-batch, with the rank's `experts` (under EP: its share of
     them, and outside FSDP their training dtype, cast per use). `compiled`: as a compiled block
-    (:func:`partitioned`)."""
+    (:func:`compiled_run`; `op_sac`: the job's AC is op-level selective)."""
     args = model.model_args
     block = copy.deepcopy(model.layers[layer_id])
     with FakeTensorMode(), gpu_code_paths():
@@ -230,7 +242,7 @@ def simulate_block(model: DeepSeekV4Model, layer_id: str, batch: int, seq_len: i
         sin = torch.empty(seq_len, args.rope_head_dim // 2)
         token_ids = torch.zeros(batch, seq_len, dtype=torch.int64)
         h = torch.empty(batch, seq_len, args.hc_mult, args.dim, dtype=dtype, requires_grad=True)
-        run = partitioned(block) if compiled else block
+        run = compiled_run(block, op_sac) if compiled else block
         with LiveBytes([*block.parameters(), *block.buffers(), cos, sin, token_ids, h]) as tracker:
             out = run(h, cos, sin, token_ids)
             forward_peak = tracker.peak - _nbytes(out)
@@ -260,7 +272,7 @@ def simulate_tail(model: DeepSeekV4Model, job_config: JobConfig, batch: int, seq
         _fake_parameters_(tail, dtype, experts)
         if compiled_blocks:
             for name, block in list(tail.mtp.named_children()):
-                tail.mtp.register_module(name, _Partitioned(block))
+                tail.mtp.register_module(name, _Partitioned(block, op_level_sac(job_config)))
         tokens = torch.zeros(batch, seq_len, dtype=torch.int64)
         loss_fn = V4Loss(float(v4_settings(job_config).mtp_loss_weight))
         if compiled_loss:
@@ -274,6 +286,13 @@ def simulate_tail(model: DeepSeekV4Model, job_config: JobConfig, batch: int, seq
             loss.backward()
             backward_peak = tracker.peak - start
     return PieceMemory(saved=saved, forward_peak=forward_peak, backward_peak=backward_peak)
+
+
+def op_level_sac(job_config: JobConfig) -> bool:
+    """Whether the job's activation checkpointing is op-level selective (it keeps some of a block's
+    results rather than recomputing the whole block)."""
+    ac = job_config.activation_checkpoint
+    return ac.mode == "selective" and ac.selective_ac_option == "op"
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -182,7 +182,9 @@ def _walk_step(build: RankBuild, job_config: JobConfig, model: nn.Module, units:
     for i in layer_ids:
         signature = (*activations.block_signature(model, str(i)), experts)
         if signature not in cache:
-            cache[signature] = activations.simulate_block(model, str(i), micro_batch, seq_len, dtype, experts, compiled)
+            cache[signature] = activations.simulate_block(
+                model, str(i), micro_batch, seq_len, dtype, experts, compiled, activations.op_level_sac(job_config)
+            )
         pieces[i] = cache[signature]
     tail = None
     if build.last_stage:
