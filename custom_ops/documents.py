@@ -4,7 +4,7 @@
 consecutive ids, and ``doc_start(b, t)`` is the first position of the run that contains t. Without
 doc_ids the whole row is one document (``doc_start = 0``). A compressed entry w (source tokens
 ``[w * ratio, (w + 1) * ratio)``) lies in t's document iff ``w * ratio >= doc_start(b, t)``, i.e.
-``w >= first_entry(b, t)`` below.
+``w >= ceil(doc_start(b, t) / ratio)`` (:func:`first_entries`).
 """
 
 from typing import Optional

@@ -140,5 +140,3 @@ def _check_indices(indices: Optional[Tensor], q: Tensor) -> None:
     if indices.dtype != torch.int32:
         raise TypeError(f"indices must be int32, got {indices.dtype}")
     check_device("indices", indices, q.device)
-
-
