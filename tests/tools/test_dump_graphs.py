@@ -200,7 +200,7 @@ def test_inventory_csa_learned(dump):
 csa-learned: 2 block(s) (layers.1, layers.3)
   dynamo graphs 1, graph breaks 0, recompiles after step 1 0
   custom ops per block (fw/bw): v4.indexer_scores.default 1/0, v4.indexer_scores_bwd.default 1/0, v4.indexer_teacher.default 1/0, v4.indexer_topk.default 1/0, v4.mhc_collapse.default 2/0, v4.mhc_collapse_bwd.default 0/2, v4.mhc_expand.default 2/0, v4.mhc_expand_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
-  generated kernels per block (fw/bw): 26/16 kernels, 28/17 calls
+  generated kernels per block (fw/bw): 24/13 kernels, 26/14 calls
   extern calls per block (fw/bw): aten.cumsum.default 1/0, aten.searchsorted.Tensor 1/0, aten.sort.stable 1/0, aten.topk.default 1/0, extern_kernels.addmm 1/5, extern_kernels.bmm 1/2, extern_kernels.mm 23/27, v4.indexer_scores.default 1/0, v4.indexer_scores_bwd.default 1/0, v4.indexer_teacher.default 1/0, v4.indexer_topk.default 1/0, v4.mhc_collapse.default 2/0, v4.mhc_collapse_bwd.default 0/2, v4.mhc_expand.default 2/0, v4.mhc_expand_bwd.default 0/2, v4.sparse_attention.default 1/0, v4.sparse_attention_bwd.default 0/1
   GEMMs per block (fw/bw): 25/34; per step by input dtypes: fp32 x fp32 118""")
 
