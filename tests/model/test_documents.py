@@ -34,8 +34,8 @@ def make_model(dtype: torch.dtype, indexer_phase: str = FROZEN, max_seq_len: int
             if "attn_sink" in name:
                 p.normal_(0.0, 0.3)
     model = model.to(dtype)
-    # Rotary tables computed in the model's dtype: a shifted document then sees the same rotations up
-    # to that dtype's rounding (fp32 tables would cost ~1e-7 at any dtype).
+    # Rotary tables computed in fp64, then cast: a shifted document then sees the same rotations up to
+    # the model dtype's rounding (tables computed in fp32 are off by ~1e-7 whatever the model's dtype).
     model.rope_main = main_rope_table(args, dtype=torch.float64).to(dtype)
     model.rope_compress = compress_rope_table(args, dtype=torch.float64).to(dtype)
     return model
