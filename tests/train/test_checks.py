@@ -15,7 +15,7 @@ def _check(*args, world_size=1):
 
 
 def test_the_shipped_configs_pass():
-    for name in ("debug", "flash_proxy"):
+    for name in ("debug", "flash_proxy", "long_proxy"):
         check_job_config(job_config("--job.config_file", f"train_configs/{name}.toml"), world_size=1)
     for name in ("flash", "pro"):
         check_job_config(job_config("--job.config_file", f"train_configs/{name}.toml"), world_size=64)
