@@ -19,18 +19,12 @@ with its last log line and ends the sweep.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import statistics
-import subprocess
 from pathlib import Path
 
-PEAK_FLOPS = 989e12  # H100 SXM bf16 dense (datasheet)
-MEASURED_PEAK_FLOPS = 790e12  # a large bf16 GEMM measured on the lent H100s
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import train_ab
+from benchmarks.train_ab import MEASURED_PEAK_FLOPS, PEAK_FLOPS
+
 CONFIG = "train_configs/long_proxy.toml"
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def flops_per_token(seq_len: int) -> float:
@@ -47,23 +41,13 @@ def flops_per_token(seq_len: int) -> float:
 
 
 def run(seq_len: int, steps: int, out: Path, masked: bool) -> dict:
+    """One compiled run of the config at ``seq_len`` (benchmarks/train_ab.py's run: its log and dump
+    folder under ``out/<name>/``)."""
     name = f"seq{seq_len}" + ("-masked" if masked else "")
-    dump, log_path = out / name, out / f"{name}.log"
-    cmd = [str(REPO / "run_train.sh"), "--job.config_file", CONFIG, "--training.seq_len", str(seq_len),
-           "--training.steps", str(steps), "--metrics.log_freq", "1", "--metrics.disable_color_printing",
-           "--job.dump_folder", str(dump), "--v4.document_masking" if masked else "--v4.no-document_masking"]  # fmt: skip
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
-    text = _ANSI.sub("", log_path.read_text(errors="replace")).strip()
-    metrics = dump / "logs" / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    steady = [r["tps"] for r in records if r["step"] >= 3]
-    return dict(
-        name=name, seq_len=seq_len, rc=proc.returncode, tps=statistics.median(steady) if steady else float("nan"),
-        active=max((r.get("max_active_gib", float("nan")) for r in records), default=float("nan")),
-        reserved=max((r.get("max_reserved_gib", float("nan")) for r in records), default=float("nan")),
-        loss=records[-1]["loss"] if records else float("nan"), tail=text.splitlines()[-1:] if text else [],
-    )  # fmt: skip
+    extra = ["--training.seq_len", str(seq_len), "--metrics.log_freq", "1",
+             "--v4.document_masking" if masked else "--v4.no-document_masking"]  # fmt: skip
+    (out / name).mkdir(parents=True, exist_ok=True)
+    return dict(train_ab.run("kernels-compiled", CONFIG, steps, out / name, extra), name=name, seq_len=seq_len)
 
 
 def main() -> None:

@@ -52,10 +52,14 @@ def run(name: str, config: str, steps: int, out: Path, extra: list[str]) -> dict
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     steady = [r["tps"] for r in records if r["step"] >= 3]
     memories = [float(m) for m in _MEMORY.findall(text)]
+    nan = float("nan")
     return dict(
-        name=name, rc=proc.returncode, tps=statistics.median(steady) if steady else float("nan"),
-        steps=len(steady), memory=max(memories) if memories else float("nan"),
-        loss=records[-1]["loss"] if records else float("nan"), tail=text.strip().splitlines()[-1:] if text else [],
+        name=name, rc=proc.returncode, tps=statistics.median(steady) if steady else nan,
+        steps=len(steady), memory=max(memories) if memories else nan,
+        # The peaks recorded on GPUs (titan_v4/train/metrics.py): allocated and reserved GiB.
+        active=max((r.get("max_active_gib", nan) for r in records), default=nan),
+        reserved=max((r.get("max_reserved_gib", nan) for r in records), default=nan),
+        loss=records[-1]["loss"] if records else nan, tail=text.strip().splitlines()[-1:] if text else [],
     )  # fmt: skip
 
 

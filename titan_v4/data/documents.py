@@ -37,11 +37,11 @@ def check_documents_begin_with_bos(tokenizer) -> None:
     """The document layout is read from BOS tokens: refuse (naming ``v4.document_masking``) a tokenizer
     whose encoding of a document does not begin with its BOS id, whose packed stream would then have
     no document boundaries."""
-    first = tokenizer.encode("a", add_bos=True, add_eos=True)[:1]
-    if first != [tokenizer.bos_id]:
+    encoded = tokenizer.encode("a", add_bos=True, add_eos=True)
+    if encoded[:1] != [tokenizer.bos_id]:
         raise DataError(
             f"v4.document_masking=true needs every document to begin with the tokenizer's BOS token (id "
-            f"{tokenizer.bos_id}), but it encodes a document as {tokenizer.encode('a', add_bos=True, add_eos=True)}: "
+            f"{tokenizer.bos_id}), but it encodes a document as {encoded}: "
             "the packed stream has no document boundaries. Use a tokenizer that adds its BOS token, or set "
             "v4.document_masking=false"
         )
